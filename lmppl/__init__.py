@@ -1,0 +1,1 @@
+"""lmppl: probabilistic inference in language models."""

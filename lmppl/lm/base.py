@@ -1,0 +1,173 @@
+"""The one interface every lmppl network implements, and the loaded-model object.
+
+A network is a Flax NNX module with
+
+* ``init_cache(batch_size, max_length, dtype) -> cache``: a pytree of static shape whose
+  every leaf has the batch (particle) axis leading, including ``cache.length`` ``[B]``,
+  the number of positions already written for each row;
+* ``__call__(tokens, cache, token_counts=None) -> LMOutput``: feed ``tokens`` ``[B, S]``
+  at positions ``cache.length[b] + (0..S-1)`` and return next-token logits ``[B, S, V]``
+  (float32), the final hidden states ``[B, S, H]`` (what twist heads read) and the updated
+  cache. ``token_counts`` ``[B]`` (default ``S``) says how many of the S tokens of each row
+  are real (right padding for prompts of different lengths); the cache length advances by it.
+
+Because every cache leaf leads with the batch axis, one SMC resampling step is
+``reorder_cache(cache, ancestors)`` and a prompt prefilled once is broadcast to N rows by
+``broadcast_cache``. :class:`LanguageModel` splits the module into a static graph and its
+parameters so that parameters enter jitted functions as arguments, never as constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmppl.lm.config import ModelConfig
+
+__all__ = [
+    "KVCache",
+    "LMOutput",
+    "LanguageModel",
+    "Tokenizer",
+    "broadcast_cache",
+    "reorder_cache",
+]
+
+
+class KVCache(NamedTuple):
+    """Static-shape key/value cache, particle axis leading.
+
+    Fields:
+      keys: per layer ``[B, L, H_kv, D]``.
+      values: per layer ``[B, L, H_kv, D]``.
+      length: ``[B]`` int32, positions already written in each row.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    length: jax.Array
+
+
+class LMOutput(NamedTuple):
+    """What one network call returns.
+
+    Fields:
+      logits: ``[B, S, V]`` float32 next-token logits after each input token.
+      hidden: ``[B, S, H]`` final hidden states (after the final norm).
+      cache: the cache with the S new positions written.
+    """
+
+    logits: jax.Array
+    hidden: jax.Array
+    cache: Any
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The tokenizer surface lmppl uses (see :mod:`lmppl.lm.tokenizers`)."""
+
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+def reorder_cache(cache: Any, indices: jax.Array) -> Any:
+    """Gather cache rows: row ``i`` of the result is row ``indices[i]`` of ``cache``."""
+    return jax.tree.map(lambda leaf: jnp.take(leaf, indices, axis=0), cache)
+
+
+def broadcast_cache(cache: Any, batch_size: int) -> Any:
+    """Repeat a one-row cache ``batch_size`` times along the leading axis."""
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (batch_size, *leaf.shape[1:])), cache)
+
+
+class LanguageModel:
+    """A loaded decoder: network graph, parameters, config and tokenizer.
+
+    ``lm.apply(params, tokens, cache)`` is a pure function of its arguments, so it can be
+    jitted, differentiated (twist and TNT training) and vmapped. Instances hash by
+    identity, so they can be static arguments of ``jax.jit``.
+
+    Attributes:
+      config: the :class:`ModelConfig`.
+      tokenizer: a :class:`Tokenizer`, or ``None`` for token-id-only test models.
+      params: the network's parameters (an ``nnx.State`` pytree).
+      name: a human-readable name (model id or path).
+    """
+
+    def __init__(
+        self,
+        network: nnx.Module,
+        config: ModelConfig,
+        tokenizer: Tokenizer | None = None,
+        name: str = "model",
+    ):
+        self.graphdef, self.params = nnx.split(network)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.name = name
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LanguageModel({self.name!r}, {c.architecture}, vocab={c.vocab_size}, "
+            f"layers={c.num_layers}, hidden={c.hidden_size}, context={c.context_length})"
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        leaves = jax.tree.leaves(self.params)
+        return leaves[0].dtype if leaves else jnp.dtype(jnp.float32)
+
+    def network(self, params: Any | None = None) -> nnx.Module:
+        """The NNX module with ``params`` (default: the loaded ones) merged in."""
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> Any:
+        """An empty cache for ``batch_size`` rows of at most ``max_length`` positions."""
+        if max_length > self.context_length:
+            raise ValueError(
+                f"a cache of {max_length} positions exceeds the context length "
+                f"{self.context_length} of {self.name}"
+            )
+        return self.network().init_cache(batch_size, max_length, dtype or self.dtype)
+
+    def apply(
+        self,
+        params: Any,
+        tokens: jax.Array,
+        cache: Any,
+        token_counts: jax.Array | None = None,
+    ) -> LMOutput:
+        """Run the network on ``tokens`` ``[B, S]`` against ``cache`` (pure; jit-friendly)."""
+        return nnx.merge(self.graphdef, params)(tokens, cache, token_counts)
+
+    def astype(self, dtype: Any) -> LanguageModel:
+        """A copy whose floating-point parameters are cast to ``dtype`` (e.g. bfloat16)."""
+        other = object.__new__(LanguageModel)
+        other.__dict__.update(self.__dict__)
+        other.params = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            self.params,
+        )
+        return other
