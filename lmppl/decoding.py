@@ -1,0 +1,171 @@
+"""Batched, cached decoding shared by ``LM.sample``, ``LM.log_prob`` and the SMC sweeps.
+
+The prompt is prefilled once (one row, or one row per distinct prompt) into a cache of
+``P + T`` positions and broadcast to the particle rows; each decoding step then feeds
+``[N, 1]`` tokens against the ``[N, P + T, ...]`` cache. Everything here is a pure
+function of the model parameters, so it runs inside ``jax.jit``/``lax.scan``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lmppl.lm.base import LanguageModel, broadcast_cache
+
+__all__ = [
+    "DecodeState",
+    "feed",
+    "next_token_log_probs",
+    "prefill",
+    "sample_tokens",
+    "score_tokens",
+]
+
+
+class DecodeState(NamedTuple):
+    """What a decoding step needs about the particles' prefixes.
+
+    Fields:
+      cache: the network cache, every leaf ``[N, ...]``.
+      logits: ``[N, V]`` next-token logits after the last fed token.
+      hidden: ``[N, H]`` final hidden state of the last fed token (read by twists).
+    """
+
+    cache: Any
+    logits: jax.Array
+    hidden: jax.Array
+
+
+def next_token_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
+    """``log softmax(logits / temperature)`` in float32."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def prefill(
+    model: LanguageModel,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_length: jax.Array,
+    num_rows: int,
+    max_new_tokens: int,
+) -> DecodeState:
+    """Prefill the prompt and broadcast it to ``num_rows`` rows.
+
+    Args:
+      prompt_tokens: ``[P]`` (one prompt shared by all rows) or ``[num_rows, P]``.
+      prompt_length: ``[]`` or ``[num_rows]`` real prompt lengths (right padding).
+      num_rows: N, the number of particles.
+      max_new_tokens: T; the cache holds ``P + T`` positions.
+    """
+    shared = prompt_tokens.ndim == 1
+    tokens = prompt_tokens[None] if shared else prompt_tokens
+    lengths = jnp.reshape(prompt_length, (-1,)).astype(jnp.int32)
+    rows = tokens.shape[0]
+    cache = model.init_cache(rows, tokens.shape[-1] + max_new_tokens)
+    out = model.apply(params, tokens, cache, lengths)
+    last = jnp.maximum(lengths - 1, 0)
+    logits = jnp.take_along_axis(out.logits, last[:, None, None], axis=1)[:, 0]
+    hidden = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]
+    state = DecodeState(out.cache, logits, hidden)
+    if shared and num_rows != 1:
+        state = DecodeState(
+            broadcast_cache(state.cache, num_rows),
+            jnp.broadcast_to(logits, (num_rows, logits.shape[-1])),
+            jnp.broadcast_to(hidden, (num_rows, hidden.shape[-1])),
+        )
+    return state
+
+
+def feed(model: LanguageModel, params: Any, state: DecodeState, tokens: jax.Array) -> DecodeState:
+    """Feed one token per row (``[N]``) and return the advanced state."""
+    out = model.apply(params, tokens[:, None], state.cache)
+    return DecodeState(out.cache, out.logits[:, 0], out.hidden[:, 0])
+
+
+@partial(jax.jit, static_argnames=("model", "num_rows", "max_new_tokens", "temperature", "eos"))
+def sample_tokens(
+    rng_key: jax.Array,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_length: jax.Array,
+    *,
+    model: LanguageModel,
+    num_rows: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Ancestral sampling of ``num_rows`` continuations in one scan.
+
+    ``temperature == 0`` is greedy decoding. With ``eos`` set, a row that emits EOS
+    is padded with EOS afterwards and its log-probability stops accumulating.
+
+    Returns:
+      tokens ``[N, T]`` int32 and their log-probabilities ``[N]`` under the tempered model.
+    """
+    state = prefill(model, params, prompt_tokens, prompt_length, num_rows, max_new_tokens)
+
+    def step(carry, key):
+        state, done = carry
+        if temperature == 0:
+            log_probs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1)
+            token = jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+            token_log_prob = jnp.zeros(token.shape, jnp.float32)
+        else:
+            log_probs = next_token_log_probs(state.logits, temperature)
+            token = jax.random.categorical(key, log_probs).astype(jnp.int32)
+            token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
+        if eos is not None:
+            token = jnp.where(done, eos, token)
+            token_log_prob = jnp.where(done, 0.0, token_log_prob)
+            done = done | (token == eos)
+        return (feed(model, params, state, token), done), (token, token_log_prob)
+
+    done = jnp.zeros((num_rows,), bool)
+    keys = jax.random.split(rng_key, max_new_tokens)
+    _, (tokens, log_probs) = jax.lax.scan(step, (state, done), keys)
+    return tokens.T, log_probs.sum(axis=0)
+
+
+@partial(jax.jit, static_argnames=("model", "temperature", "eos"))
+def score_tokens(
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_length: jax.Array,
+    values: jax.Array,
+    *,
+    model: LanguageModel,
+    temperature: float,
+    eos: int | None,
+) -> jax.Array:
+    """Teacher-forced ``log p(values | prompt)`` for rows of ``values`` ``[M, T]``.
+
+    With ``eos`` set, tokens after the first EOS must be EOS (padding, log-prob 0);
+    any other token there makes the sequence impossible (``-inf``).
+
+    Args:
+      prompt_tokens: ``[P]`` shared or ``[M, P]`` per row; ``prompt_length`` ``[]``/``[M]``.
+    Returns:
+      ``[M]`` float32 log-probabilities.
+    """
+    rows, steps = values.shape
+    prompt_tokens = jnp.broadcast_to(prompt_tokens, (rows, prompt_tokens.shape[-1]))
+    lengths = jnp.broadcast_to(jnp.asarray(prompt_length, jnp.int32), (rows,))
+    state = prefill(model, params, prompt_tokens, lengths, rows, steps)
+    out = model.apply(params, values[:, :-1], state.cache) if steps > 1 else None
+    logits = state.logits[:, None]
+    if out is not None:
+        logits = jnp.concatenate([logits, out.logits], axis=1)
+    log_probs = next_token_log_probs(logits, temperature)
+    token_log_probs = jnp.take_along_axis(log_probs, values[..., None], axis=-1)[..., 0]
+    if eos is None:
+        return token_log_probs.sum(axis=-1)
+    is_eos = values == eos
+    after_eos = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
+    padding_ok = jnp.all(jnp.where(after_eos, is_eos, True), axis=-1)
+    total = jnp.where(after_eos, 0.0, token_log_probs).sum(axis=-1)
+    return jnp.where(padding_ok, total, -jnp.inf)
