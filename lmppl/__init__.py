@@ -1,1 +1,13 @@
-"""lmppl: probabilistic inference in language models."""
+"""lmppl: probabilistic inference in language models.
+
+A language model is a NumPyro distribution over token sequences (:class:`LM`); a
+potential is a ``numpyro.factor`` or an observed site (:mod:`lmppl.potentials`);
+inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handlers.
+"""
+
+from lmppl import infer, potentials
+from lmppl.distribution import LM
+from lmppl.lm import LanguageModel, ModelConfig, table_lm
+from lmppl.prompt import concat
+
+__all__ = ["LM", "LanguageModel", "ModelConfig", "concat", "infer", "potentials", "table_lm"]

@@ -1,0 +1,242 @@
+"""Inference backends with one interface: ``Backend(program, ...).run(rng_key, *args, **kwargs)``.
+
+* :class:`ImportanceSampling` — sequential importance sampling with p0 as proposal
+  (no resampling); ``E[log Ẑ]`` is the IWAE lower bound.
+* :class:`SMC` — bootstrap SMC, resampling when the ESS falls below a threshold (or at
+  every step).
+* :class:`TwistedSMC` — SMC with the twist-induced proposal of learned or given twists
+  (Zhao et al. 2024).
+
+All three run the same jitted sweep (:mod:`lmppl.infer.sweep`) and return an
+:class:`~lmppl.infer.result.InferenceResult`. Swapping the backend never touches the
+program. Compiled sweeps are cached per (program structure, static arguments).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from lmppl.infer.arguments import split_arguments
+from lmppl.infer.program import ProgramError, ProgramStructure, discover
+from lmppl.infer.result import InferenceResult
+from lmppl.infer.sweep import SweepOptions, SweepOutput, build_sweep
+from lmppl.infer.twist import split_twist
+
+__all__ = ["SMC", "ImportanceSampling", "TwistedSMC"]
+
+
+def _check_particles(num_particles: Any) -> int:
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int | np.integer):
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
+    return int(num_particles)
+
+
+def _check_key(rng_key: Any) -> jax.Array:
+    if not isinstance(rng_key, jax.Array):
+        raise TypeError(
+            f"run() takes a JAX random key first (jax.random.key(0)), got {type(rng_key).__name__}"
+        )
+    return rng_key
+
+
+def check_output(output: SweepOutput, backend: str) -> None:
+    """Turn silent numerical failures into errors (NaN) or a warning (all weights zero)."""
+    for name, values in output.site_log_probs.items():
+        values = np.asarray(values)
+        bad = np.isnan(values)
+        if bad.any():
+            raise ValueError(
+                f"site '{name}' returned NaN for {int(bad.sum())} of {values.size} particles; "
+                "potentials must be finite or -inf"
+            )
+    if np.isnan(np.asarray(output.log_weights)).any():
+        raise ValueError(
+            f"{backend}: NaN log-weights (a twist or step potential returned NaN or +inf)"
+        )
+    if not np.isfinite(np.asarray(output.log_weights)).any():
+        warnings.warn(
+            f"{backend}: every particle has weight zero (the potentials are -inf for all "
+            "sampled sequences); log_marginal is -inf. Try more particles or a twist.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class SMC:
+    """Sequential Monte Carlo over the program's latent LM site.
+
+    Args:
+      program: a NumPyro model with one latent ``lmppl.LM`` site.
+      num_particles: N.
+      resampling: ``"multinomial"`` (default), ``"stratified"``, ``"systematic"``,
+        ``"residual"``, or a resampler ``(rng_key, log_weights, n) -> indices``.
+      ess_threshold: resample before a step when ``ESS < ess_threshold · N``;
+        ``1.0`` resamples at every step (the paper's setting); ``None`` never.
+      mesh: a ``jax.sharding.Mesh`` whose first axis shards the particle axis (several
+        devices); N must be divisible by that axis' size.
+    """
+
+    name = "SMC"
+
+    def __init__(
+        self,
+        program: Callable,
+        num_particles: int,
+        *,
+        resampling: Any = "multinomial",
+        ess_threshold: float | None = 0.5,
+        mesh: Any = None,
+    ):
+        if not callable(program):
+            raise TypeError(
+                f"program must be a callable NumPyro model, got {type(program).__name__}"
+            )
+        self.program = program
+        self.num_particles = _check_particles(num_particles)
+        if ess_threshold is not None and not ess_threshold > 0:
+            raise ValueError(f"ess_threshold must be positive or None, got {ess_threshold!r}")
+        self.resampling = resampling
+        self.ess_threshold = ess_threshold
+        self.mesh = mesh
+        self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
+
+    # Subclasses choose the twist.
+    def _twist_for(self, structure: ProgramStructure):
+        return None
+
+    def _sharding(self):
+        if self.mesh is None:
+            return None
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        axis = self.mesh.axis_names[0]
+        size = self.mesh.shape[axis]
+        if self.num_particles % size:
+            raise ValueError(
+                f"num_particles={self.num_particles} is not divisible by the {size} devices "
+                f"of mesh axis '{axis}'"
+            )
+        return NamedSharding(self.mesh, PartitionSpec(axis))
+
+    def _options(self) -> SweepOptions:
+        return SweepOptions(
+            num_particles=self.num_particles,
+            resampling=self.resampling,
+            ess_threshold=self.ess_threshold,
+            particle_sharding=self._sharding(),
+        )
+
+    def compile(self, *args, **kwargs) -> tuple[ProgramStructure, Callable, list, Any]:
+        """Discover the program's structure and build (or reuse) its jitted sweep."""
+        arrays, static_key, rebuild = split_arguments(args, kwargs)
+        entry = self._compiled.get(static_key)
+        if entry is None:
+            structure = discover(self.program, args, kwargs)
+            twist = self._twist_for(structure)
+            twist_apply = split_twist(twist)[0] if twist is not None else None
+            sweep = build_sweep(structure, self.program, self._options(), twist_apply)
+
+            def run_sweep(rng_key, model_params, twist_params, arrays):
+                call_args, call_kwargs = rebuild(arrays)
+                return sweep(rng_key, model_params, twist_params, call_args, call_kwargs)
+
+            entry = (structure, jax.jit(run_sweep))
+            self._compiled[static_key] = entry
+        structure, jitted = entry
+        twist = self._twist_for(structure)
+        twist_params = split_twist(twist)[1] if twist is not None else None
+        return structure, jitted, arrays, twist_params
+
+    def run(self, rng_key: jax.Array, *args, **kwargs) -> InferenceResult:
+        """Run one sweep of ``program(*args, **kwargs)`` and return weighted particles."""
+        rng_key = _check_key(rng_key)
+        structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
+        model_params = tuple(model.params for model in structure.models)
+        output = jitted(rng_key, model_params, twist_params, arrays)
+        check_output(output, self.name)
+        site = structure.lm_site
+        samples = {site.name: output.tokens, **output.latent_values}
+        return InferenceResult(
+            samples=samples,
+            log_weights=output.log_weights,
+            log_marginal=output.log_marginal,
+            log_potential=output.log_potential,
+            site_log_probs=output.site_log_probs,
+            ess=output.ess,
+            resampled=output.resampled,
+            ancestors=output.ancestors,
+            site=site.name,
+            backend=self.name,
+            model_name=site.model.name,
+            tokenizer=site.model.tokenizer,
+            eos_token_id=site.eos_token_id,
+        )
+
+    def log_marginals(self, rng_key: jax.Array, num_runs: int, *args, **kwargs) -> jax.Array:
+        """``[num_runs]`` independent log Ẑ estimates, the runs vmapped in one call."""
+        rng_key = _check_key(rng_key)
+        structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
+        model_params = tuple(model.params for model in structure.models)
+        keys = jax.random.split(rng_key, num_runs)
+        many = jax.vmap(jitted, in_axes=(0, None, None, None))
+        outputs = many(keys, model_params, twist_params, arrays)
+        return outputs.log_marginal
+
+
+class ImportanceSampling(SMC):
+    """Sequential importance sampling with p0 as proposal (SMC that never resamples)."""
+
+    name = "ImportanceSampling"
+
+    def __init__(self, program: Callable, num_particles: int, *, mesh: Any = None):
+        super().__init__(program, num_particles, ess_threshold=None, mesh=mesh)
+
+
+class TwistedSMC(SMC):
+    """SMC with twist-induced proposals ``q_t ∝ p0 · ψ_t`` (Zhao et al. 2024, Alg. 1).
+
+    Args:
+      twists: ``{lm_site_name: twist}`` with a twist as in :mod:`lmppl.infer.twist`
+        (a callable, or an object with ``params`` and ``apply``). An untrained twist
+        (log ψ ≡ 0) makes this bootstrap SMC.
+      resampling, ess_threshold, mesh: as :class:`SMC` (default: resample every step,
+        as in the paper).
+    """
+
+    name = "TwistedSMC"
+
+    def __init__(
+        self,
+        program: Callable,
+        num_particles: int,
+        twists: dict[str, Any],
+        *,
+        resampling: Any = "multinomial",
+        ess_threshold: float | None = 1.0,
+        mesh: Any = None,
+    ):
+        super().__init__(
+            program,
+            num_particles,
+            resampling=resampling,
+            ess_threshold=ess_threshold,
+            mesh=mesh,
+        )
+        if not isinstance(twists, dict) or not twists:
+            raise ValueError("twists must be a dict {lm_site_name: twist}")
+        self.twists = twists
+
+    def _twist_for(self, structure: ProgramStructure):
+        name = structure.lm_site.name
+        if name not in self.twists:
+            raise ProgramError(
+                f"no twist for the LM site '{name}' (twists given for {sorted(self.twists)})"
+            )
+        return self.twists[name]

@@ -1,0 +1,216 @@
+"""Exact inference by enumeration, for tiny vocabularies and lengths.
+
+Every sequence s ∈ V^T of the LM site is scored: ``log σ̃(s) = log p0(s) + log φ(s)``
+with ``log φ`` the program's own factors and observed sites (per-step potentials
+included, as plain NumPyro would add them), so ``log Z = logsumexp_s log σ̃(s)`` and
+``σ(s) = σ̃(s) / Z`` exactly. Sequences outside the LM's support (a token other than EOS
+after EOS) are dropped. The enumeration also gives the optimal twists
+
+    ψ*_t(s_1:t) = E_p0[φ(s) | s_1:t] = Σ_{s_t+1:T} σ̃(s) / p0(s_1:t),
+
+with which twisted SMC has zero-variance weights (log Ẑ = log Z on every run).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from lmppl.decoding import next_token_log_probs, prefill
+from lmppl.infer.arguments import split_arguments
+from lmppl.infer.program import ProgramError, ProgramStructure, discover, run_prefix, run_suffix
+from lmppl.infer.result import InferenceResult
+from lmppl.infer.twist import TwistInputs
+
+__all__ = ["Exact", "ExactTwist", "token_log_probs"]
+
+
+def token_log_probs(
+    structure: ProgramStructure,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_length: jax.Array,
+    sequences: jax.Array,
+) -> jax.Array:
+    """Per-token ``log p0(s_t | s_<t)`` ``[M, T]`` for sequences ``[M, T]`` (EOS padding → 0)."""
+    site = structure.lm_site
+    rows, steps = sequences.shape
+    state = prefill(site.model, params, prompt_tokens, prompt_length, rows, steps)
+    logits = state.logits[:, None]
+    if steps > 1:
+        out = site.model.apply(params, sequences[:, :-1], state.cache)
+        logits = jnp.concatenate([logits, out.logits], axis=1)
+    log_probs = next_token_log_probs(logits, site.temperature)
+    per_token = jnp.take_along_axis(log_probs, sequences[..., None], axis=-1)[..., 0]
+    if site.eos_token_id is None:
+        return per_token
+    is_eos = sequences == site.eos_token_id
+    after_eos = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
+    return jnp.where(after_eos, jnp.where(is_eos, 0.0, -jnp.inf), per_token)
+
+
+class ExactTwist:
+    """The optimal twist ψ*_t from an enumeration, usable by ``TwistedSMC``.
+
+    Attributes:
+      log_psi: list over t = 1..T of arrays ``[V^t]``: ``log ψ*_t`` of every prefix,
+        indexed by the prefix read as a base-V number.
+    """
+
+    def __init__(self, log_psi: list[np.ndarray], vocab_size: int):
+        self.log_psi = log_psi
+        self.vocab_size = vocab_size
+        sizes = [table.size for table in log_psi]
+        self._offsets = jnp.asarray(np.concatenate([[0], np.cumsum(sizes)[:-1]]), jnp.int32)
+        self._table = jnp.asarray(np.concatenate(log_psi), jnp.float32)
+
+    def __call__(self, inputs: TwistInputs) -> jax.Array:
+        tokens, step = inputs.tokens, inputs.step
+        vocab = self.vocab_size
+        positions = jnp.arange(tokens.shape[1])
+        powers = jnp.where(positions < step, vocab ** jnp.maximum(step - 1 - positions, 0), 0)
+        code = jnp.sum(tokens * powers, axis=1)
+        index = self._offsets[step] + code[:, None] * vocab + jnp.arange(vocab)[None, :]
+        return self._table[index]
+
+    def at(self, prefix: list[int] | tuple[int, ...]) -> float:
+        """``log ψ*_t`` of one prefix (t = its length)."""
+        code = 0
+        for token in prefix:
+            code = code * self.vocab_size + int(token)
+        return float(self.log_psi[len(prefix) - 1][code])
+
+
+class Exact:
+    """Enumerate every sequence of the LM site (``V^T`` of them, at most ``max_sequences``).
+
+    ``run(rng_key, *args, **kwargs)`` returns an :class:`InferenceResult` whose particles
+    are all sequences of the support, weighted by ``σ̃``: ``log_marginal`` is log Z exactly
+    and ``softmax(log_weights)`` is σ. The key is only used for latent sites after the LM
+    site (none are allowed before it, since they cannot be enumerated).
+    """
+
+    name = "Exact"
+
+    def __init__(self, program: Callable, *, max_sequences: int = 1 << 16, chunk_size: int = 4096):
+        self.program = program
+        self.max_sequences = max_sequences
+        self.chunk_size = chunk_size
+
+    def _enumerate(self, rng_key, args, kwargs):
+        structure = discover(self.program, args, kwargs)
+        site = structure.lm_site
+        vocab, steps = site.model.vocab_size, site.max_new_tokens
+        count = vocab**steps
+        if count > self.max_sequences:
+            raise ProgramError(
+                f"Exact would enumerate {vocab}^{steps} = {count} sequences of site "
+                f"'{site.name}', more than max_sequences={self.max_sequences}"
+            )
+        if structure.prefix_sites or structure.suffix_latent_sites:
+            raise ProgramError(
+                "Exact enumerates the LM site only; the program has other latent sites: "
+                + ", ".join((*structure.prefix_sites, *structure.suffix_latent_sites))
+            )
+        arrays, _, rebuild = split_arguments(args, kwargs)
+        sequences = np.asarray(list(itertools.product(range(vocab), repeat=steps)), np.int32)
+        model_params = tuple(model.params for model in structure.models)
+        lm_params = model_params[structure.models.index(site.model)]
+
+        @jax.jit
+        def score(rng_key, model_params, arrays, chunk):
+            call_args, call_kwargs = rebuild(arrays)
+            _, prompt_tokens, prompt_length = run_prefix(
+                structure, self.program, call_args, call_kwargs, model_params, rng_key[None]
+            )
+            per_token = token_log_probs(structure, lm_params, prompt_tokens, prompt_length, chunk)
+            keys = jax.random.split(rng_key, chunk.shape[0])
+            log_phi, site_log_probs, _ = run_suffix(
+                structure,
+                self.program,
+                call_args,
+                call_kwargs,
+                model_params,
+                keys,
+                {},
+                chunk,
+                include_step_potentials=True,
+            )
+            return per_token, log_phi, site_log_probs
+
+        pieces = []
+        for start in range(0, count, self.chunk_size):
+            chunk = jnp.asarray(sequences[start : start + self.chunk_size])
+            pieces.append(jax.device_get(score(rng_key, model_params, arrays, chunk)))
+        per_token = np.concatenate([p[0] for p in pieces])
+        log_phi = np.concatenate([p[1] for p in pieces])
+        site_log_probs = {
+            name: np.concatenate([p[2][name] for p in pieces]) for name in pieces[0][2]
+        }
+        return structure, sequences, per_token, log_phi, site_log_probs
+
+    def run(self, rng_key: jax.Array | None = None, *args, **kwargs) -> InferenceResult:
+        """Enumerate and return the exact target as a weighted result."""
+        rng_key = jax.random.key(0) if rng_key is None else rng_key
+        structure, sequences, per_token, log_phi, site_log_probs = self._enumerate(
+            rng_key, args, kwargs
+        )
+        for name, values in site_log_probs.items():
+            if np.isnan(values).any():
+                raise ValueError(f"site '{name}' returned NaN for some sequences")
+        log_p0 = per_token.sum(axis=1)
+        keep = np.isfinite(log_p0)
+        log_target = log_p0 + log_phi
+        site = structure.lm_site
+        return InferenceResult(
+            samples={site.name: jnp.asarray(sequences[keep])},
+            log_weights=jnp.asarray(log_target[keep]),
+            log_marginal=logsumexp(jnp.asarray(log_target[keep])),
+            log_potential=jnp.asarray(log_phi[keep]),
+            site_log_probs={k: jnp.asarray(v[keep]) for k, v in site_log_probs.items()},
+            ess=None,
+            resampled=None,
+            ancestors=None,
+            site=site.name,
+            backend=self.name,
+            model_name=site.model.name,
+            tokenizer=site.model.tokenizer,
+            eos_token_id=site.eos_token_id,
+        )
+
+    def optimal_twist(self, *args, rng_key: jax.Array | None = None, **kwargs) -> ExactTwist:
+        """``ψ*_t(s_1:t) = E_p0[φ | s_1:t]`` for every prefix, as a twist for TwistedSMC.
+
+        Per-step potentials are folded into the twist the same way SMC applies them:
+        ``ψ*_t`` covers the potentials of steps after t and φ.
+        """
+        rng_key = jax.random.key(0) if rng_key is None else rng_key
+        structure, sequences, per_token, log_phi, _ = self._enumerate(rng_key, args, kwargs)
+        if structure.step_potentials:
+            raise ProgramError(
+                "optimal_twist does not support per-step potentials yet: "
+                + ", ".join(s.name for s in structure.step_potentials)
+            )
+        vocab, steps = structure.lm_site.model.vocab_size, structure.lm_site.max_new_tokens
+        log_target = per_token.sum(axis=1) + log_phi
+        log_target = np.where(np.isnan(log_target), -np.inf, log_target)
+        tables = []
+        prefix_log_p0 = np.cumsum(per_token, axis=1)
+        for t in range(1, steps + 1):
+            codes = np.zeros(len(sequences), np.int64)
+            for k in range(t):
+                codes = codes * vocab + sequences[:, k]
+            numerator = np.full(vocab**t, -np.inf)
+            np.logaddexp.at(numerator, codes, log_target)
+            denominator = np.full(vocab**t, -np.inf)
+            denominator[codes] = prefix_log_p0[:, t - 1]
+            with np.errstate(invalid="ignore"):
+                table = np.where(np.isneginf(denominator), -np.inf, numerator - denominator)
+            tables.append(table)
+        return ExactTwist(tables, vocab)

@@ -1,0 +1,296 @@
+"""The sequential-target compiler: read a NumPyro program as σ(s) ∝ p0(s) φ(s).
+
+A program is run through NumPyro's effect handlers (never parsed):
+
+1. :func:`discover` traces it abstractly (``jax.eval_shape``: no compute, no host calls)
+   with a placeholder for the first latent ``lmppl.LM`` site, and records the structure:
+   that site (the sequence s that inference samples token by token), the latent sites
+   before it (sampled from their prior, carried by each particle), the per-step
+   potentials, and every language model used (their parameters become jit arguments).
+2. :func:`run_prefix` runs the program up to the LM site, per particle, and returns the
+   latent values so far and the site's prompt.
+3. :func:`run_suffix` reruns the program with s (and the prefix values) substituted and
+   returns ``log φ(s)``: the sum of the log-probabilities of every observed site and factor
+   other than s (per-step potentials excluded when SMC already applied them), with the
+   value of each site kept for NaN reports and with the values of later latent sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from numpyro import handlers
+from numpyro.primitives import Messenger
+
+from lmppl.distribution import LM
+from lmppl.lm.base import LanguageModel
+from lmppl.potentials import STEP_POTENTIAL_KEY
+
+__all__ = [
+    "LMSite",
+    "ProgramError",
+    "ProgramStructure",
+    "StepPotential",
+    "discover",
+    "run_prefix",
+    "run_suffix",
+]
+
+
+class ProgramError(ValueError):
+    """The program cannot be read as a sequential target (message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSite:
+    """Static description of the latent LM site that inference samples."""
+
+    name: str
+    model: LanguageModel
+    max_new_tokens: int
+    temperature: float
+    eos_token_id: int | None
+    prompt_width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPotential:
+    """A per-step potential site: ``log_potential(prefix [T], t) -> [V]``."""
+
+    name: str
+    log_potential: Callable[[jax.Array, jax.Array], jax.Array]
+    eos_token_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramStructure:
+    """What :func:`discover` learns about a program (all static)."""
+
+    lm_site: LMSite
+    prefix_sites: tuple[str, ...]
+    suffix_latent_sites: tuple[str, ...]
+    observed_sites: tuple[str, ...]
+    deterministic_sites: tuple[str, ...]
+    step_potentials: tuple[StepPotential, ...]
+    models: tuple[LanguageModel, ...]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _FirstLatentLM(Messenger):
+    """Placeholder value (or stop) at the first latent LM site; records what it saw."""
+
+    def __init__(self, fn=None, stop: bool = False):
+        self.stop = stop
+        self.site_message: dict | None = None
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or self.site_message is not None:
+            return
+        if isinstance(msg["fn"], LM) and not msg["is_observed"]:
+            self.site_message = msg
+            if self.stop:
+                raise _Stop
+            fn = msg["fn"]
+            msg["value"] = jnp.zeros((*fn.batch_shape, fn.max_new_tokens), jnp.int32)
+
+
+class _SwapParams(Messenger):
+    """Evaluate every LM site with parameters handed in as (traced) arguments."""
+
+    def __init__(self, fn, params_by_model: dict[int, Any]):
+        self.params_by_model = params_by_model
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and isinstance(msg["fn"], LM):
+            params = self.params_by_model.get(id(msg["fn"].model))
+            if params is not None:
+                msg["fn"] = msg["fn"].with_params(params)
+
+
+def _with_params(program, models, params):
+    return _SwapParams(program, {id(m): p for m, p in zip(models, params, strict=True)})
+
+
+def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
+    """Trace ``program(*args, **kwargs)`` abstractly and describe its sequential target."""
+    found: dict[str, Any] = {}
+
+    def run(rng_key):
+        marker = _FirstLatentLM(program)
+        with handlers.trace() as trace:
+            handlers.seed(marker, rng_key)(*args, **kwargs)
+        found["trace"] = trace
+        found["site"] = marker.site_message
+        return 0
+
+    try:
+        jax.eval_shape(run, jax.random.key(0))
+    except ProgramError:
+        raise
+    site_message = found["site"]
+    trace = found["trace"]
+    if site_message is None:
+        raise ProgramError(
+            "the program has no latent lmppl.LM site: sample one with "
+            "numpyro.sample(name, lmppl.LM(...)) (observed LM sites only score data)"
+        )
+    fn: LM = site_message["fn"]
+    if fn.batch_shape:
+        raise ProgramError(
+            f"the LM site '{site_message['name']}' has batch shape {fn.batch_shape}; "
+            "inference runs its own particle batch: give one prompt per site"
+        )
+    lm_site = LMSite(
+        name=site_message["name"],
+        model=fn.model,
+        max_new_tokens=fn.max_new_tokens,
+        temperature=fn.temperature,
+        eos_token_id=fn.eos_token_id,
+        prompt_width=int(fn.prompt_tokens.shape[-1]),
+    )
+    names = list(trace)
+    position = names.index(lm_site.name)
+    prefix, suffix_latent, observed, deterministic, steps = [], [], [], [], []
+    models: list[LanguageModel] = []
+    for index, (name, msg) in enumerate(trace.items()):
+        if msg["type"] == "deterministic":
+            deterministic.append(name)
+            continue
+        if msg["type"] != "sample":
+            continue
+        if isinstance(msg["fn"], LM) and msg["fn"].model not in models:
+            models.append(msg["fn"].model)
+        if name == lm_site.name:
+            continue
+        if msg["is_observed"]:
+            observed.append(name)
+            step = msg.get("infer", {}).get(STEP_POTENTIAL_KEY)
+            if step is not None:
+                log_potential, eos, sequence = step
+                if sequence is not site_message["value"]:
+                    raise ProgramError(
+                        f"the per-step potential '{name}' must be applied to the latent LM "
+                        f"site '{lm_site.name}' itself"
+                    )
+                if eos != lm_site.eos_token_id:
+                    raise ProgramError(
+                        f"the per-step potential '{name}' has eos_token_id={eos} but the LM "
+                        f"site '{lm_site.name}' ends at {lm_site.eos_token_id}"
+                    )
+                steps.append(StepPotential(name, log_potential, eos))
+        elif isinstance(msg["fn"], LM):
+            raise ProgramError(
+                f"the program has a second latent LM site '{name}' after '{lm_site.name}'; "
+                "lmppl samples one latent sequence per program (observe the others, or "
+                "sample them in a separate program)"
+            )
+        elif index < position:
+            prefix.append(name)
+        else:
+            suffix_latent.append(name)
+    return ProgramStructure(
+        lm_site=lm_site,
+        prefix_sites=tuple(prefix),
+        suffix_latent_sites=tuple(suffix_latent),
+        observed_sites=tuple(observed),
+        deterministic_sites=tuple(deterministic),
+        step_potentials=tuple(steps),
+        models=tuple(models),
+    )
+
+
+def run_prefix(
+    structure: ProgramStructure,
+    program: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_params: tuple,
+    rng_keys: jax.Array,
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """Run every particle's program up to the LM site.
+
+    Returns the prefix latent values ``{site: [N, ...]}`` and the LM site's prompt
+    ``tokens [P]`` and ``length []`` (shared by all particles).
+    """
+    swapped = _with_params(program, structure.models, model_params)
+
+    def one(rng_key):
+        marker = _FirstLatentLM(swapped, stop=True)
+        with handlers.trace() as trace:
+            try:
+                handlers.seed(marker, rng_key)(*args, **kwargs)
+            except _Stop:
+                pass
+        fn = marker.site_message["fn"]
+        values = {name: trace[name]["value"] for name in structure.prefix_sites}
+        return values, fn.prompt_tokens, fn.prompt_length
+
+    try:
+        return jax.vmap(one, out_axes=(0, None, None))(rng_keys)
+    except ValueError as error:
+        if "out_axes" not in str(error):
+            raise
+        raise ProgramError(
+            f"the prompt of the LM site '{structure.lm_site.name}' depends on a latent site "
+            f"sampled before it ({', '.join(structure.prefix_sites)}); lmppl needs one prompt "
+            "shared by all particles"
+        ) from None
+
+
+def run_suffix(
+    structure: ProgramStructure,
+    program: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_params: tuple,
+    rng_keys: jax.Array,
+    prefix_values: dict[str, jax.Array],
+    sequences: jax.Array,
+    include_step_potentials: bool,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """``log φ`` for each particle's sequence.
+
+    Args:
+      rng_keys: ``[N]`` keys for latent sites after the LM site.
+      prefix_values: ``{site: [N, ...]}`` from :func:`run_prefix`.
+      sequences: ``[N, T]`` sampled tokens of the LM site.
+      include_step_potentials: add per-step potentials (``False`` when SMC applied them).
+
+    Returns:
+      ``log_phi [N]``, ``{site: [N]}`` summed log-probability of every observed site and
+      factor, and ``{site: [N, ...]}`` values of later latent and deterministic sites.
+    """
+    swapped = _with_params(program, structure.models, model_params)
+    skip = set() if include_step_potentials else {s.name for s in structure.step_potentials}
+    lm_name = structure.lm_site.name
+
+    def one(rng_key, values, sequence):
+        data = {**values, lm_name: sequence}
+        with handlers.trace() as trace:
+            handlers.seed(handlers.substitute(swapped, data=data), rng_key)(*args, **kwargs)
+        site_log_probs = {}
+        for name in structure.observed_sites:
+            msg = trace[name]
+            log_prob = jnp.sum(msg["fn"].log_prob(msg["value"]))
+            if msg.get("scale") is not None:
+                log_prob = msg["scale"] * log_prob
+            site_log_probs[name] = log_prob.astype(jnp.float32)
+        log_phi = sum(
+            (v for k, v in site_log_probs.items() if k not in skip), jnp.zeros((), jnp.float32)
+        )
+        later = {
+            name: trace[name]["value"]
+            for name in (*structure.suffix_latent_sites, *structure.deterministic_sites)
+        }
+        return log_phi, site_log_probs, later
+
+    return jax.vmap(one)(rng_keys, prefix_values, sequences)

@@ -1,0 +1,127 @@
+"""Resampling schemes and the effective sample size.
+
+Every resampler has the signature ``(rng_key, log_weights [N], num_samples) -> [num_samples]``
+ancestor indices, and is unbiased: the expected number of offspring of particle ``i`` is
+``num_samples · w_i`` with ``w = softmax(log_weights)``. Weights are taken in log space;
+``-inf`` entries never get offspring; if every weight is ``-inf`` the indices are the
+identity (there is nothing to resample and the caller reports a zero marginal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "RESAMPLERS",
+    "Resampler",
+    "effective_sample_size",
+    "get_resampler",
+    "multinomial",
+    "normalized_weights",
+    "residual",
+    "stratified",
+    "systematic",
+]
+
+
+class Resampler(Protocol):
+    def __call__(
+        self, rng_key: jax.Array, log_weights: jax.Array, num_samples: int
+    ) -> jax.Array: ...
+
+
+def normalized_weights(log_weights: jax.Array) -> jax.Array:
+    """``softmax(log_weights)``; uniform when every weight is ``-inf`` (no NaNs)."""
+    log_weights = jnp.asarray(log_weights, jnp.float32)
+    finite = jnp.any(jnp.isfinite(log_weights))
+    weights = jax.nn.softmax(jnp.where(finite, log_weights, 0.0))
+    return weights
+
+
+def effective_sample_size(log_weights: jax.Array) -> jax.Array:
+    """``ESS = 1 / Σ w_i²`` with normalised weights; 0 when every weight is zero."""
+    weights = normalized_weights(log_weights)
+    finite = jnp.any(jnp.isfinite(log_weights))
+    return jnp.where(finite, 1.0 / jnp.sum(weights**2), 0.0)
+
+
+def _identity_if_degenerate(indices, log_weights, num_samples):
+    finite = jnp.any(jnp.isfinite(log_weights))
+    size = log_weights.shape[0]
+    identity = jnp.arange(num_samples) % size
+    return jnp.where(finite, indices, identity).astype(jnp.int32)
+
+
+def _search(weights: jax.Array, points: jax.Array) -> jax.Array:
+    """Index of the cumulative-weight bin that contains each point in ``[0, 1)``."""
+    cumulative = jnp.cumsum(weights)
+    cumulative = cumulative / cumulative[-1]
+    indices = jnp.searchsorted(cumulative, points, side="right")
+    # Guard against float round-off pushing a point past the last bin, and never land
+    # on a zero-weight particle at the edge.
+    return jnp.clip(indices, 0, weights.shape[0] - 1)
+
+
+def multinomial(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> jax.Array:
+    """Independent draws from ``Categorical(w)``."""
+    finite = jnp.any(jnp.isfinite(log_weights))
+    logits = jnp.where(finite, log_weights, 0.0)
+    indices = jax.random.categorical(rng_key, logits, shape=(num_samples,))
+    return _identity_if_degenerate(indices, log_weights, num_samples)
+
+
+def stratified(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> jax.Array:
+    """One uniform draw in each stratum ``[k/M, (k+1)/M)``."""
+    points = (jnp.arange(num_samples) + jax.random.uniform(rng_key, (num_samples,))) / num_samples
+    indices = _search(normalized_weights(log_weights), points)
+    return _identity_if_degenerate(indices, log_weights, num_samples)
+
+
+def systematic(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> jax.Array:
+    """One shared uniform offset for all strata ``(k + u) / M``."""
+    points = (jnp.arange(num_samples) + jax.random.uniform(rng_key, ())) / num_samples
+    indices = _search(normalized_weights(log_weights), points)
+    return _identity_if_degenerate(indices, log_weights, num_samples)
+
+
+def residual(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> jax.Array:
+    """``floor(M w_i)`` deterministic copies, the remainder drawn multinomially."""
+    weights = normalized_weights(log_weights)
+    size = weights.shape[0]
+    copies = jnp.floor(num_samples * weights).astype(jnp.int32)
+    remainder = num_samples - copies.sum()
+    residual_weights = num_samples * weights - copies
+    # Deterministic part: particle i repeated copies[i] times, laid out by cumulative count.
+    ends = jnp.cumsum(copies)
+    slots = jnp.arange(num_samples)
+    deterministic = jnp.clip(jnp.searchsorted(ends, slots, side="right"), 0, size - 1)
+    has_residual = residual_weights.sum() > 0
+    logits = jnp.where(has_residual, jnp.log(jnp.maximum(residual_weights, 0.0)), 0.0)
+    random = jax.random.categorical(rng_key, logits, shape=(num_samples,))
+    random_slot = slots - (num_samples - remainder)
+    indices = jnp.where(random_slot >= 0, random, deterministic)
+    return _identity_if_degenerate(indices, log_weights, num_samples)
+
+
+RESAMPLERS: dict[str, Callable[..., jax.Array]] = {
+    "multinomial": multinomial,
+    "stratified": stratified,
+    "systematic": systematic,
+    "residual": residual,
+}
+
+
+def get_resampler(name_or_fn: str | Resampler) -> Resampler:
+    """Look a resampler up by name, or pass a callable through."""
+    if callable(name_or_fn):
+        return name_or_fn
+    try:
+        return RESAMPLERS[name_or_fn]
+    except KeyError:
+        raise ValueError(
+            f"unknown resampling scheme {name_or_fn!r}; choose one of {sorted(RESAMPLERS)}"
+        ) from None

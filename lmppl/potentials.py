@@ -1,0 +1,203 @@
+"""Potentials: the factors φ of a target σ(s) ∝ p0(s) φ(s), written as NumPyro sites.
+
+Every potential is used inside a program as ``numpyro.factor(name, log_phi)``: the
+functions here compute ``log φ`` from a sampled sequence. Kinds:
+
+* JAX functions of token ids: any ``jnp`` expression of the sequence works directly;
+  :func:`log_indicator` and :func:`threshold` turn conditions into ``0 / -inf``
+  (``log 0`` is handled: such particles get weight zero).
+* Host scorers of decoded text (:func:`text`, :func:`text_classifier`): any Python
+  callable on a list of strings, run through one ``jax.pure_callback`` for all
+  particles of a sweep (never per token).
+* Per-step token constraints (:func:`step_factor`, :func:`banned_tokens`): factors
+  ``Σ_t log m_t(s_<t, s_t)`` that SMC applies at every decoding step (the locally
+  optimal proposal for them), while plain NumPyro sees an ordinary factor.
+* An observed LM continuation (infilling) needs no helper: ``numpyro.sample("ending",
+  lmppl.LM(lm, prompt=lmppl.concat(prompt, story), ...), obs=ending_ids)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from numpyro.distributions.distribution import Unit
+
+from lmppl.lm.base import Tokenizer
+
+__all__ = [
+    "STEP_POTENTIAL_KEY",
+    "banned_tokens",
+    "log_indicator",
+    "step_factor",
+    "text",
+    "text_classifier",
+    "threshold",
+]
+
+#: ``infer`` key under which a per-step potential's function is recorded on its site.
+STEP_POTENTIAL_KEY = "lmppl_step_potential"
+
+
+def log_indicator(condition: jax.Array, floor: float | None = None) -> jax.Array:
+    """``log 1[condition]``: 0 where true, ``-inf`` (or ``log floor``) where false.
+
+    ``floor`` (e.g. 1e-16, as the paper's threshold task) keeps the target's support
+    full, so that every sequence has positive weight.
+    """
+    low = -jnp.inf if floor is None else jnp.log(floor)
+    return jnp.where(condition, 0.0, low).astype(jnp.float32)
+
+
+def threshold(
+    score: jax.Array, limit: float, *, below: bool = True, floor: float | None = None
+) -> jax.Array:
+    """``log 1[score < limit]`` (or ``> limit`` with ``below=False``), see :func:`log_indicator`."""
+    score = jnp.asarray(score)
+    return log_indicator(score < limit if below else score > limit, floor)
+
+
+def _decode_rows(tokens: np.ndarray, tokenizer: Tokenizer) -> list[str]:
+    eos = tokenizer.eos_token_id
+    texts = []
+    for row in tokens.reshape(-1, tokens.shape[-1]):
+        row = row.tolist()
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        texts.append(tokenizer.decode(row))
+    return texts
+
+
+def text(
+    score_fn: Callable[[list[str]], Sequence[float]],
+    tokenizer: Tokenizer,
+    *,
+    name: str | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+    """Wrap a host scorer of decoded text as a JAX function of token ids.
+
+    ``score_fn`` takes the decoded strings of all particles (text up to the first EOS)
+    and returns one log-potential per string. The returned function maps tokens
+    ``[..., T]`` to ``[...]`` float32 through one ``jax.pure_callback``; under a vmap
+    over particles the callback receives all particles at once.
+
+    Args:
+      score_fn: ``list[str] -> sequence of floats`` (log φ for each string).
+      tokenizer: decodes token ids (``lm.tokenizer``).
+      name: used in error messages (defaults to ``score_fn``'s name).
+    """
+    label = name or getattr(score_fn, "__name__", "score_fn")
+
+    def host(tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        texts = _decode_rows(tokens, tokenizer)
+        scores = np.asarray(score_fn(texts), dtype=np.float32).reshape(-1)
+        if scores.shape[0] != len(texts):
+            raise ValueError(
+                f"{label} returned {scores.shape[0]} scores for {len(texts)} texts; "
+                "it must return one log-potential per string"
+            )
+        return scores.reshape(tokens.shape[:-1])
+
+    def potential(tokens: jax.Array) -> jax.Array:
+        tokens = jnp.asarray(tokens, jnp.int32)
+        out = jax.ShapeDtypeStruct(tokens.shape[:-1], jnp.float32)
+        return jax.pure_callback(host, out, tokens, vmap_method="expand_dims")
+
+    return potential
+
+
+def text_classifier(
+    predict_proba: Callable[[list[str]], Any],
+    tokenizer: Tokenizer,
+    target_class: int,
+    *,
+    name: str | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+    """``log p(target_class | text)`` from a host classifier's class probabilities.
+
+    ``predict_proba`` maps a list of strings to an array ``[n, num_classes]`` (as
+    scikit-learn's ``predict_proba``; ``[n]`` is read as the probability of class 1).
+    """
+    label = name or getattr(predict_proba, "__name__", "predict_proba")
+
+    def score(texts: list[str]) -> np.ndarray:
+        probs = np.asarray(predict_proba(texts), dtype=np.float64)
+        if probs.ndim == 1:
+            probs = np.stack([1.0 - probs, probs], axis=-1)
+        if probs.shape[0] != len(texts) or not 0 <= target_class < probs.shape[-1]:
+            raise ValueError(
+                f"{label} returned probabilities of shape {probs.shape} for {len(texts)} "
+                f"texts; class {target_class} must be one of its columns"
+            )
+        with np.errstate(divide="ignore"):
+            return np.log(probs[:, target_class])
+
+    return text(score, tokenizer, name=label)
+
+
+def step_factor(
+    name: str,
+    sequence: jax.Array,
+    log_potential: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    eos_token_id: int | None = None,
+) -> jax.Array:
+    """A factor ``Σ_t log m_t(s_<t, s_t)`` that SMC applies token by token.
+
+    ``log_potential(prefix, t)`` returns ``[V]`` log-weights of every candidate for
+    token ``t`` given ``prefix`` ``[T]`` (whose entries at positions ``>= t`` are
+    placeholders: a potential must only read ``prefix[:t]``). SMC multiplies the
+    proposal by ``m_t`` and weights by its normaliser at each step, so particles never
+    waste steps on forbidden tokens; plain NumPyro sees the same total as one factor.
+    With ``eos_token_id`` set, positions after the first EOS (padding) are not scored;
+    it must match the sequence's LM site (its ``stop_at_eos``).
+
+    Returns the total log-factor (also recorded as the site's value).
+    """
+    original = sequence
+    sequence = jnp.asarray(sequence)
+    steps = sequence.shape[-1]
+
+    def total(row: jax.Array) -> jax.Array:
+        def at(t):
+            prefix = jnp.where(jnp.arange(steps) < t, row, 0)
+            return log_potential(prefix, t)[row[t]]
+
+        values = jax.vmap(at)(jnp.arange(steps))
+        if eos_token_id is not None:
+            is_eos = row == eos_token_id
+            values = jnp.where(jnp.cumsum(is_eos) - is_eos > 0, 0.0, values)
+        return values.sum()
+
+    flat = sequence.reshape(-1, steps)
+    log_factor = jax.vmap(total)(flat).reshape(sequence.shape[:-1])
+    numpyro.sample(
+        name,
+        Unit(log_factor),
+        obs=jnp.empty(jnp.shape(log_factor) + (0,)),
+        infer={
+            "is_auxiliary": True,
+            STEP_POTENTIAL_KEY: (log_potential, eos_token_id, original),
+        },
+    )
+    return log_factor
+
+
+def banned_tokens(
+    name: str,
+    sequence: jax.Array,
+    token_ids: Sequence[int],
+    vocab_size: int,
+    *,
+    eos_token_id: int | None = None,
+) -> jax.Array:
+    """Forbid ``token_ids`` anywhere in ``sequence`` (a per-step ``log 1[s_t ∉ banned]``)."""
+    mask = np.zeros((vocab_size,), np.float32)
+    mask[np.asarray(list(token_ids), dtype=np.int64)] = -np.inf
+    mask = jnp.asarray(mask)
+    return step_factor(name, sequence, lambda prefix, t: mask, eos_token_id=eos_token_id)
