@@ -1,0 +1,151 @@
+"""Load a Hugging Face checkpoint (local folder or cached hub id) as a :class:`LanguageModel`.
+
+A folder holds ``config.json``, the weights as ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``, and usually a tokenizer (``tokenizer.json`` ...). The
+config goes through :func:`~lmppl.lm.build.config_from_hf`, the tensors (named as in the
+PyTorch state dict) through :func:`~lmppl.lm.build.build_network`, and the tokenizer is
+wrapped by :class:`HFTokenizer` into the :class:`~lmppl.lm.base.Tokenizer` protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from lmppl.lm.base import LanguageModel
+from lmppl.lm.build import build_network, config_from_hf
+
+__all__ = ["HFTokenizer", "load_hf", "read_safetensors", "resolve_checkpoint_folder"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What a snapshot needs: configs and tokenizer files, safetensors weights (no *.bin, *.gguf).
+SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer behind the :class:`~lmppl.lm.base.Tokenizer` protocol.
+
+    ``encode(text, add_bos=True)`` follows the tokenizer's own convention for special tokens
+    (``add_special_tokens=True``: Llama-style tokenizers prepend BOS, GPT-2's adds nothing);
+    ``add_bos=False`` encodes the bare text. ``vocab_size`` counts added tokens too.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> HFTokenizer:
+        """Load with ``transformers.AutoTokenizer`` from a local folder (no network)."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_bos))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({type(self.tokenizer).__name__}, vocab_size={self.vocab_size})"
+
+
+def resolve_checkpoint_folder(path_or_id: str) -> Path:
+    """The local folder of ``path_or_id``: the folder itself, or a hub snapshot.
+
+    A hub id is looked up in the local Hugging Face cache first, then downloaded (unless
+    ``HF_HUB_OFFLINE`` is set). Raises a one-line ``FileNotFoundError`` when neither works.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path_or_id!r} is a file, not a Hugging Face checkpoint folder")
+    looks_like_path = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"no such checkpoint folder: {path_or_id!r}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise FileNotFoundError(
+            f"{path_or_id!r} is not a local folder and huggingface_hub is not installed"
+        ) from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    attempts = (True,) if offline else (True, False)
+    reason = ""
+    for local_files_only in attempts:
+        try:
+            return Path(
+                snapshot_download(
+                    path_or_id, local_files_only=local_files_only, allow_patterns=SNAPSHOT_PATTERNS
+                )
+            )
+        except Exception as error:  # the hub client raises many kinds; all mean "not here"
+            reason = f"{type(error).__name__}"
+    raise FileNotFoundError(
+        f"{path_or_id!r} is not a local folder, and the Hugging Face hub is unreachable or "
+        f"does not have it cached ({reason})"
+    )
+
+
+def read_safetensors(folder: Path) -> dict[str, Any]:
+    """All tensors of the folder's ``model.safetensors`` or its sharded index, by name.
+
+    Tensors are read as JAX arrays in their stored dtype (bfloat16 included).
+    """
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" (found {', '.join(other)}; only safetensors are read)" if other else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {str(folder)!r}{hint}")
+    tensors: dict[str, Any] = {}
+    for name in files:
+        shard = folder / name
+        if not shard.is_file():
+            raise FileNotFoundError(
+                f"safetensors shard {str(shard)!r} listed in the index is missing"
+            )
+        with safe_open(str(shard), framework="flax") as reader:
+            for key in reader.keys():
+                tensors[key] = reader.get_tensor(key)
+    return tensors
+
+
+def load_hf(path_or_id: str, dtype: Any = None) -> LanguageModel:
+    """A :class:`LanguageModel` from a Hugging Face checkpoint folder or hub id.
+
+    Args:
+      path_or_id: a local folder (``config.json`` + safetensors) or a hub id such as
+        ``"HuggingFaceTB/SmolLM2-135M"`` (used from the local cache when offline).
+      dtype: parameter dtype; ``None`` means float32.
+
+    Raises:
+      FileNotFoundError: no such folder / uncached hub id / no safetensors weights.
+      ValueError: unsupported model type, missing tensor, or a shape mismatch.
+    """
+    folder = resolve_checkpoint_folder(path_or_id)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {str(folder)!r}")
+    config = config_from_hf(json.loads(config_path.read_text()))
+    network = build_network(config, read_safetensors(folder), dtype or jnp.float32)
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = HFTokenizer.from_folder(folder) if has_tokenizer else None
+    return LanguageModel(network, config, tokenizer, name=str(path_or_id))

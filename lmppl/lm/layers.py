@@ -1,0 +1,263 @@
+"""Pieces shared by the decoder networks: projections, norms, RoPE and cached attention.
+
+Every network in :mod:`lmppl.lm` is built from a :class:`ParameterSource`, a callable that
+returns the tensor of a given Hugging Face name, checked against the shape the config
+implies and cast to the network's dtype (see :func:`lmppl.lm.build.build_network`). The
+modules here hold those tensors as ``nnx.Param`` leaves; they never initialise randomly.
+
+Attention runs against a static-shape cache (:class:`lmppl.lm.base.KVCache`): the ``S`` new
+keys and values of row ``b`` are written at positions ``length[b] + (0..S-1)`` and each
+query at position ``q`` attends the cache positions ``j`` with ``j <= q`` (and
+``q - j < window`` for local attention). Scores and the softmax are computed in float32
+whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmppl.lm.base import KVCache
+
+__all__ = [
+    "ACTIVATIONS",
+    "Embedding",
+    "LayerNorm",
+    "Linear",
+    "ParameterSource",
+    "RMSNorm",
+    "apply_rope",
+    "cached_attention",
+    "default_scale",
+    "empty_cache",
+    "gelu_new",
+    "linear_from_torch",
+    "next_cache",
+    "token_positions",
+    "write_rows",
+]
+
+
+class ParameterSource(Protocol):
+    """Where a network's constructor reads its parameters from."""
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> jax.Array:
+        """The tensor called ``name`` (Hugging Face PyTorch naming), in the network's dtype.
+
+        Raises ``ValueError`` naming the tensor when it is missing or its shape is not
+        ``shape`` (the shape as stored, before any transposition).
+        """
+        ...
+
+
+def gelu_new(x: jax.Array) -> jax.Array:
+    """GPT-2's tanh GELU: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+class Linear(nnx.Module):
+    """``y = x W + b`` with ``W`` ``[in, out]`` (the JAX layout) and an optional bias ``[out]``."""
+
+    def __init__(self, kernel: jax.Array, bias: jax.Array | None = None):
+        self.kernel = nnx.Param(kernel)
+        self.bias = nnx.Param(bias) if bias is not None else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+def linear_from_torch(
+    get: ParameterSource, name: str, in_features: int, out_features: int, bias: bool
+) -> Linear:
+    """A :class:`Linear` from a ``torch.nn.Linear`` stored as ``name.weight`` ``[out, in]``."""
+    kernel = get(f"{name}.weight", (out_features, in_features)).T
+    return Linear(kernel, get(f"{name}.bias", (out_features,)) if bias else None)
+
+
+class Embedding(nnx.Module):
+    """A token (or position) table ``E`` ``[V, H]``; ``attend`` gives tied logits ``h E^T``."""
+
+    def __init__(self, table: jax.Array):
+        self.table = nnx.Param(table)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], ids, axis=0, mode="clip")
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits ``[..., V]`` of hidden states ``[..., H]`` against the table."""
+        return jnp.einsum(
+            "...h,vh->...v", hidden, self.table[...], preferred_element_type=jnp.float32
+        )
+
+
+class RMSNorm(nnx.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, normalised in float32 (as Hugging Face Llama)."""
+
+    def __init__(self, weight: jax.Array, eps: float):
+        self.weight = nnx.Param(weight)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``y = w * (x - mean(x)) / sqrt(var(x) + eps) + b``, normalised in float32."""
+
+    def __init__(self, weight: jax.Array, bias: jax.Array, eps: float):
+        self.weight = nnx.Param(weight)
+        self.bias = nnx.Param(bias)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centred = x32 - mean
+        variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        normed = centred * jax.lax.rsqrt(variance + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...]).astype(x.dtype)
+
+
+def token_positions(lengths: jax.Array, steps: int) -> jax.Array:
+    """Positions ``[B, S]`` of ``S`` new tokens: ``lengths[b] + i``."""
+    return lengths[:, None].astype(jnp.int32) + jnp.arange(steps, dtype=jnp.int32)[None, :]
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in the half-split (Hugging Face) layout.
+
+    With ``D`` the head width, ``f_k = theta^(-2k/D)`` for ``k < D/2`` and the angle
+    ``a_k = p f_k`` at position ``p``, the pair ``(x_k, x_{k+D/2})`` is rotated to
+    ``(x_k cos a_k - x_{k+D/2} sin a_k, x_{k+D/2} cos a_k + x_k sin a_k)``.
+
+    Args:
+      x: ``[B, S, heads, D]``.
+      positions: ``[B, S]`` int positions.
+      theta: the base frequency.
+    """
+    half = x.shape[-1] // 2
+    inverse_frequencies = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / (2 * half)))
+    angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies  # [B, S, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Write ``new[b, i]`` at ``buffer[b, positions[b, i]]``; positions past the end are dropped.
+
+    Args:
+      buffer: ``[B, L, ...]``.
+      new: ``[B, S, ...]``.
+      positions: ``[B, S]`` int.
+    """
+    rows = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[rows, positions].set(new.astype(buffer.dtype), mode="drop")
+
+
+def cached_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    cache_keys: jax.Array,
+    cache_values: jax.Array,
+    positions: jax.Array,
+    *,
+    scale: float,
+    window: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write the new keys/values into the cache, then attend with a causal (windowed) mask.
+
+    For query head ``h`` (served by key/value head ``h // G``, ``G = H_q / H_kv``) at position
+    ``q``: ``out = sum_j softmax_j(scale * <query, K_j>) V_j`` over cache positions ``j <= q``
+    (and ``q - j < window`` when ``window`` is given). Scores and softmax are float32.
+
+    Args:
+      query: ``[B, S, H_q, D]``.
+      key, value: ``[B, S, H_kv, D]``, the new tokens' keys and values.
+      cache_keys, cache_values: ``[B, L, H_kv, D]``.
+      positions: ``[B, S]`` positions of the new tokens.
+      scale: score multiplier (``1/sqrt(D)``, or 1 for GPT-Neo).
+      window: local attention width, or ``None`` for global attention.
+
+    Returns:
+      ``(output [B, S, H_q, D], cache_keys, cache_values)`` with the cache updated.
+    """
+    cache_keys = write_rows(cache_keys, key, positions)
+    cache_values = write_rows(cache_values, value, positions)
+    batch, steps, query_heads, head_dim = query.shape
+    kv_heads, cache_length = cache_keys.shape[2], cache_keys.shape[1]
+    grouped = query.reshape(batch, steps, kv_heads, query_heads // kv_heads, head_dim)
+    scores = jnp.einsum(
+        "bskgd,blkd->bkgsl", grouped, cache_keys, preferred_element_type=jnp.float32
+    )
+    if scale != 1.0:
+        scores = scores * scale
+    key_positions = jnp.arange(cache_length, dtype=jnp.int32)
+    distance = positions[:, :, None] - key_positions[None, None, :]  # [B, S, L]
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probabilities = jax.nn.softmax(scores, axis=-1)
+    output = jnp.einsum(
+        "bkgsl,blkd->bskgd",
+        probabilities.astype(cache_values.dtype),
+        cache_values,
+        preferred_element_type=jnp.float32,
+    )
+    output = output.reshape(batch, steps, query_heads, head_dim).astype(query.dtype)
+    return output, cache_keys, cache_values
+
+
+def default_scale(head_dim: int) -> float:
+    """The usual score scale ``1/sqrt(D)``."""
+    return 1.0 / math.sqrt(head_dim)
+
+
+def empty_cache(
+    num_layers: int, batch_size: int, max_length: int, kv_heads: int, head_dim: int, dtype
+) -> KVCache:
+    """A zero :class:`KVCache` with per-layer keys/values ``[B, L, H_kv, D]`` and length 0."""
+    shape = (batch_size, max_length, kv_heads, head_dim)
+    return KVCache(
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        length=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def next_cache(
+    cache: KVCache,
+    keys: list[jax.Array],
+    values: list[jax.Array],
+    token_counts: jax.Array | None,
+    steps: int,
+) -> KVCache:
+    """The cache after a call: new per-layer buffers, ``length + token_counts`` (default S)."""
+    if token_counts is None:
+        advance = jnp.full_like(cache.length, steps)
+    else:
+        advance = jnp.asarray(token_counts).astype(jnp.int32)
+    return KVCache(keys=tuple(keys), values=tuple(values), length=cache.length + advance)

@@ -1,0 +1,161 @@
+"""The Llama family (Llama, Mistral, Qwen2, SmolLM) as a Flax NNX network.
+
+One block, with RMSNorm ``n(.)``, rotary embeddings on queries and keys, grouped-query
+attention (``H_kv`` key/value heads each serving ``H_q / H_kv`` query heads) and a SwiGLU MLP:
+
+    h <- h + W_o Attention(RoPE(W_q n1(h)), RoPE(W_k n1(h)), W_v n1(h))
+    h <- h + W_down (silu(W_gate n2(h)) * W_up n2(h))
+
+and ``logits = W_out n(h)``, with ``W_out`` the token embedding when the output is tied.
+Qwen2 adds biases to ``W_q, W_k, W_v`` (``config.attention_bias``). Parameters are read
+from tensors named as in ``transformers``' ``LlamaForCausalLM`` state dict
+(``model.layers.{i}.self_attn.q_proj.weight``, ...).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmppl.lm.base import KVCache, LMOutput
+from lmppl.lm.config import ModelConfig
+from lmppl.lm.layers import (
+    ACTIVATIONS,
+    Embedding,
+    ParameterSource,
+    RMSNorm,
+    apply_rope,
+    cached_attention,
+    default_scale,
+    empty_cache,
+    linear_from_torch,
+    next_cache,
+    token_positions,
+)
+
+__all__ = ["LlamaAttention", "LlamaBlock", "LlamaMLP", "LlamaNetwork"]
+
+
+class LlamaAttention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v biases, no output bias."""
+
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
+        hidden, head_dim = config.hidden_size, config.head_dim
+        query_width = config.num_heads * head_dim
+        kv_width = config.num_kv_heads * head_dim
+        bias = config.attention_bias
+        self.q_proj = linear_from_torch(get, f"{prefix}.q_proj", hidden, query_width, bias)
+        self.k_proj = linear_from_torch(get, f"{prefix}.k_proj", hidden, kv_width, bias)
+        self.v_proj = linear_from_torch(get, f"{prefix}.v_proj", hidden, kv_width, bias)
+        self.o_proj = linear_from_torch(get, f"{prefix}.o_proj", query_width, hidden, False)
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = head_dim
+        self.rope_theta = config.rope_theta
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cache_keys: jax.Array,
+        cache_values: jax.Array,
+        positions: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values)."""
+        batch, steps, _ = x.shape
+        query = self.q_proj(x).reshape(batch, steps, self.num_heads, self.head_dim)
+        key = self.k_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
+        query = apply_rope(query, positions, self.rope_theta)
+        key = apply_rope(key, positions, self.rope_theta)
+        output, cache_keys, cache_values = cached_attention(
+            query,
+            key,
+            value,
+            cache_keys,
+            cache_values,
+            positions,
+            scale=default_scale(self.head_dim),
+        )
+        return self.o_proj(output.reshape(batch, steps, -1)), cache_keys, cache_values
+
+
+class LlamaMLP(nnx.Module):
+    """Gated MLP ``W_down (act(W_gate x) * W_up x)`` (SwiGLU when ``act`` is SiLU)."""
+
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = linear_from_torch(get, f"{prefix}.gate_proj", hidden, inner, False)
+        self.up_proj = linear_from_torch(get, f"{prefix}.up_proj", hidden, inner, False)
+        self.down_proj = linear_from_torch(get, f"{prefix}.down_proj", inner, hidden, False)
+        self.activation = config.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = ACTIVATIONS[self.activation](self.gate_proj(x))
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class LlamaBlock(nnx.Module):
+    """Pre-norm residual block: attention then gated MLP."""
+
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
+        hidden, eps = config.hidden_size, config.norm_eps
+        self.input_layernorm = RMSNorm(get(f"{prefix}.input_layernorm.weight", (hidden,)), eps)
+        self.self_attn = LlamaAttention(config, get, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(
+            get(f"{prefix}.post_attention_layernorm.weight", (hidden,)), eps
+        )
+        self.mlp = LlamaMLP(config, get, f"{prefix}.mlp")
+
+    def __call__(self, x, cache_keys, cache_values, positions):
+        attended, cache_keys, cache_values = self.self_attn(
+            self.input_layernorm(x), cache_keys, cache_values, positions
+        )
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache_keys, cache_values
+
+
+class LlamaNetwork(nnx.Module):
+    """A Llama-family decoder implementing the :mod:`lmppl.lm.base` network interface."""
+
+    def __init__(self, config: ModelConfig, get: ParameterSource):
+        vocab, hidden = config.vocab_size, config.hidden_size
+        self.config = config
+        self.embed_tokens = Embedding(get("model.embed_tokens.weight", (vocab, hidden)))
+        self.layers = nnx.List(
+            [LlamaBlock(config, get, f"model.layers.{i}") for i in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(get("model.norm.weight", (hidden,)), config.norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Embedding(get("lm_head.weight", (vocab, hidden)))
+        )
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache: per layer ``[batch_size, max_length, H_kv, D]``, length 0."""
+        c = self.config
+        return empty_cache(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype)
+
+    def __call__(
+        self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
+    ) -> LMOutput:
+        """Feed ``tokens`` ``[B, S]`` at positions ``cache.length + (0..S-1)``."""
+        steps = tokens.shape[1]
+        positions = token_positions(cache.length, steps)
+        x = self.embed_tokens(tokens)
+        keys, values = [], []
+        for layer, layer_keys, layer_values in zip(
+            self.layers, cache.keys, cache.values, strict=True
+        ):
+            x, layer_keys, layer_values = layer(x, layer_keys, layer_values, positions)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        hidden = self.norm(x)
+        output_embedding = self.embed_tokens if self.lm_head is None else self.lm_head
+        return LMOutput(
+            logits=output_embedding.attend(hidden),
+            hidden=hidden,
+            cache=next_cache(cache, keys, values, token_counts, steps),
+        )
