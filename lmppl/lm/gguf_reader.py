@@ -1,0 +1,246 @@
+"""Reader for GGUF files (llama.cpp's format): config, dequantized tensors, tokenizer.
+
+The file is opened with PyPI ``gguf``'s :class:`gguf.GGUFReader` (memory-mapped) and every
+tensor is dequantized to float32 with :func:`gguf.quants.dequantize` (F32, F16, BF16, Q4_0,
+Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...). llama.cpp's names are mapped to the Hugging Face
+``LlamaForCausalLM`` names, and the Q/K row permutation llama.cpp's converter applies
+(``permute`` in ``convert_hf_to_gguf.py``: half-split rows to interleaved RoPE pairs) is
+undone, so the tensors fit the half-split networks of :mod:`lmppl.lm.llama`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from lmppl.lm.base import Tokenizer
+from lmppl.lm.config import ModelConfig
+from lmppl.lm.llama2c import interleaved_to_half_split
+from lmppl.lm.tokenizers import tokenizer_from_gguf_metadata
+
+__all__ = [
+    "SUPPORTED_GGUF_ARCHITECTURES",
+    "gguf_tensor_name_to_hf",
+    "read_gguf",
+    "read_gguf_metadata",
+]
+
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_tensor_name_to_hf(name: str) -> str:
+    """The Hugging Face Llama name of a llama.cpp tensor (``blk.3.attn_q.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``); ``ValueError`` for names it does not know."""
+    block = _BLOCK_TENSOR.fullmatch(name)
+    if block and block.group(2) in _BLOCK_NAMES:
+        layer, part, kind = block.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    stem, _, kind = name.rpartition(".")
+    if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
+        return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    raise ValueError(f"unsupported GGUF tensor {name!r} for a llama model")
+
+
+def _field_value(field: Any) -> Any:
+    """A GGUF metadata field as a plain Python value (str, int, float, bool or list)."""
+    import gguf
+
+    kinds = field.types
+    if kinds[0] == gguf.GGUFValueType.ARRAY:
+        if len(kinds) > 1 and kinds[1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        if len(kinds) > 1 and kinds[1] == gguf.GGUFValueType.ARRAY:
+            return [field.parts[i] for i in field.data]
+        if not field.data:
+            return []
+        return np.concatenate([field.parts[i] for i in field.data]).tolist()
+    if kinds[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    value = field.parts[field.data[0]][0].item()
+    return bool(value) if kinds[0] == gguf.GGUFValueType.BOOL else value
+
+
+def read_gguf_metadata(reader: Any) -> dict[str, Any]:
+    """Every key/value of an open :class:`gguf.GGUFReader` as plain Python values."""
+    return {key: _field_value(field) for key, field in reader.fields.items()}
+
+
+def _config_from_metadata(metadata: dict[str, Any], name: str) -> ModelConfig:
+    architecture = metadata.get("general.architecture")
+    if architecture not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{name}: GGUF architecture {architecture!r} is not supported; supported: "
+            + ", ".join(SUPPORTED_GGUF_ARCHITECTURES)
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = metadata.get(f"{architecture}.{key}", default)
+        if value is None:
+            raise ValueError(f"{name}: GGUF metadata lacks {architecture}.{key}")
+        return value
+
+    scaling = metadata.get(f"{architecture}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ValueError(f"{name}: RoPE scaling {scaling!r} is not supported")
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // num_heads))
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"{name}: partial rotary embeddings are not supported")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if tokens is not None else int(get("vocab_size"))
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_layers=int(get("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        intermediate_size=int(get("feed_forward_length")),
+        context_length=int(get("context_length")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+    )
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape for a llama config (weights only; biases checked apart)."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q_rows, kv_rows = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (config.vocab_size, hidden),
+    }
+    for layer in range(config.num_layers):
+        prefix = f"model.layers.{layer}"
+        shapes |= {
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.self_attn.q_proj.weight": (q_rows, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_rows, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_rows, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, q_rows),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            f"{prefix}.mlp.gate_proj.weight": (config.intermediate_size, hidden),
+            f"{prefix}.mlp.up_proj.weight": (config.intermediate_size, hidden),
+            f"{prefix}.mlp.down_proj.weight": (hidden, config.intermediate_size),
+        }
+    return shapes
+
+
+def _dequantize(tensor: Any, name: str) -> np.ndarray:
+    """A GGUF tensor as a float32 array in NumPy (row-major, ``[out, in]``) order."""
+    from gguf import quants
+
+    try:
+        values = quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as error:
+        raise ValueError(
+            f"{name}: tensor {tensor.name} has type {tensor.tensor_type.name}, "
+            "which gguf cannot dequantize"
+        ) from error
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return np.array(values, dtype=np.float32).reshape(shape)
+
+
+def read_gguf(
+    path: str | os.PathLike,
+) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    """Read a llama GGUF file as a config, Hugging Face tensors and its tokenizer.
+
+    Args:
+      path: the ``.gguf`` file.
+
+    Returns:
+      ``(config, tensors, tokenizer)``: float32 tensors named as in ``LlamaForCausalLM``
+      (``model.layers.{i}.self_attn.q_proj.weight`` ``[Hq*D, H]`` in half-split RoPE layout,
+      ...; no ``lm_head.weight`` when the file has no ``output.weight``, i.e. tied), and the
+      tokenizer from the file's ``tokenizer.ggml.*`` metadata.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a GGUF file, unsupported architecture, tensor type or tokenizer, or
+        tensors whose shapes disagree with the metadata.
+    """
+    import gguf
+
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as error:
+        raise ValueError(f"{name}: not a readable GGUF file ({error})") from None
+    metadata = read_gguf_metadata(reader)
+    config = _config_from_metadata(metadata, name)
+
+    names = {tensor.name for tensor in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{name}: per-frequency RoPE factors (rope_freqs) are not supported")
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        try:
+            hf_name = gguf_tensor_name_to_hf(tensor.name)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        values = _dequantize(tensor, name)
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            values = _undo_llama_cpp_permutation(values, config.num_heads)
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            values = _undo_llama_cpp_permutation(values, config.num_kv_heads)
+        tensors[hf_name] = values
+
+    config = config.replace(
+        tie_word_embeddings="lm_head.weight" not in tensors,
+        attention_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+    )
+    expected = _expected_shapes(config)
+    if config.tie_word_embeddings:
+        del expected["lm_head.weight"]
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{name}: GGUF file lacks {len(missing)} tensors, e.g. {missing[0]}")
+    for hf_name, shape in expected.items():
+        if tensors[hf_name].shape != shape:
+            raise ValueError(
+                f"{name}: tensor {hf_name} has shape {tensors[hf_name].shape}, "
+                f"the metadata implies {shape}"
+            )
+    tokenizer = tokenizer_from_gguf_metadata(metadata)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{name}: tokenizer of {tokenizer.vocab_size} tokens for a model of {config.vocab_size}"
+        )
+    return config, tensors, tokenizer
+
+
+def _undo_llama_cpp_permutation(values: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp stores q/k rows as interleaved RoPE pairs; restore half-split order."""
+    if values.ndim == 1:
+        return interleaved_to_half_split(values[:, None], num_heads)[:, 0]
+    return interleaved_to_half_split(values, num_heads)
