@@ -199,5 +199,6 @@ def banned_tokens(
     """Forbid ``token_ids`` anywhere in ``sequence`` (a per-step ``log 1[s_t ∉ banned]``)."""
     mask = np.zeros((vocab_size,), np.float32)
     mask[np.asarray(list(token_ids), dtype=np.int64)] = -np.inf
-    mask = jnp.asarray(mask)
-    return step_factor(name, sequence, lambda prefix, t: mask, eos_token_id=eos_token_id)
+    return step_factor(
+        name, sequence, lambda prefix, t: jnp.asarray(mask), eos_token_id=eos_token_id
+    )

@@ -38,6 +38,7 @@ __all__ = [
     "discover",
     "run_prefix",
     "run_suffix",
+    "step_potential_functions",
 ]
 
 
@@ -294,3 +295,26 @@ def run_suffix(
         return log_phi, site_log_probs, later
 
     return jax.vmap(one)(rng_keys, prefix_values, sequences)
+
+
+def step_potential_functions(
+    structure: ProgramStructure,
+    program: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_params: tuple,
+    rng_key: jax.Array,
+) -> tuple[Callable, ...]:
+    """The per-step potentials' functions, collected inside the caller's trace.
+
+    :func:`discover` traced the program abstractly; functions it saw may close over
+    that trace's values. Re-running the program here (its outputs unused, so the
+    compiler drops the computation) yields functions valid in the current trace.
+    """
+    if not structure.step_potentials:
+        return ()
+    swapped = _with_params(program, structure.models, model_params)
+    marker = _FirstLatentLM(swapped)
+    with handlers.trace() as trace:
+        handlers.seed(marker, rng_key)(*args, **kwargs)
+    return tuple(trace[s.name]["infer"][STEP_POTENTIAL_KEY][0] for s in structure.step_potentials)

@@ -33,7 +33,12 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from lmppl.decoding import DecodeState, feed, next_token_log_probs, prefill
-from lmppl.infer.program import ProgramStructure, run_prefix, run_suffix
+from lmppl.infer.program import (
+    ProgramStructure,
+    run_prefix,
+    run_suffix,
+    step_potential_functions,
+)
 from lmppl.infer.resampling import effective_sample_size, get_resampler
 from lmppl.infer.twist import TwistInputs
 from lmppl.lm.base import reorder_cache
@@ -157,7 +162,6 @@ def build_sweep(
     steps = site.max_new_tokens
     eos = site.eos_token_id
     resample = get_resampler(options.resampling)
-    step_potentials = structure.step_potentials if options.apply_step_potentials else ()
     threshold = options.ess_threshold
 
     def sweep(rng_key, model_params, twist_params, args, kwargs):
@@ -167,6 +171,11 @@ def build_sweep(
             structure, program, args, kwargs, model_params, jax.random.split(prefix_key, num)
         )
         decode = prefill(model, lm_params, prompt_tokens, prompt_length, num, steps)
+        step_potentials = (
+            step_potential_functions(structure, program, args, kwargs, model_params, prefix_key)
+            if options.apply_step_potentials
+            else ()
+        )
         state = ParticleState(
             decode=decode,
             tokens=jnp.zeros((num, steps), jnp.int32),
@@ -214,10 +223,8 @@ def build_sweep(
 
             log_p0 = next_token_log_probs(state.decode.logits, site.temperature)
             proposal_logits = log_p0
-            for potential in step_potentials:
-                step_log_weights = jax.vmap(potential.log_potential, in_axes=(0, None))(
-                    state.tokens, t
-                )
+            for log_potential in step_potentials:
+                step_log_weights = jax.vmap(log_potential, in_axes=(0, None))(state.tokens, t)
                 proposal_logits = proposal_logits + step_log_weights
             log_psi_all = None
             if twist_apply is not None:
