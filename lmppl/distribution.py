@@ -65,7 +65,9 @@ class LM(Distribution):
         validate_args: bool | None = None,
     ):
         if not hasattr(lm, "apply") or not hasattr(lm, "init_cache"):
-            raise TypeError(f"LM needs a loaded language model (lmppl.load), got {type(lm).__name__}")
+            raise TypeError(
+                f"LM needs a loaded language model (lmppl.load), got {type(lm).__name__}"
+            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not (isinstance(temperature, int | float) and temperature > 0):

@@ -33,7 +33,9 @@ class Concat:
         self.drop_after_eos = drop_after_eos
 
     def __repr__(self) -> str:
-        kinds = ", ".join(repr(p) if isinstance(p, str) else f"ids{np.shape(p)}" for p in self.parts)
+        kinds = ", ".join(
+            repr(p) if isinstance(p, str) else f"ids{np.shape(p)}" for p in self.parts
+        )
         return f"concat({kinds})"
 
 
