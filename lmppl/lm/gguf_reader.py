@@ -77,8 +77,13 @@ def _field_value(field: Any) -> Any:
         return np.concatenate([field.parts[i] for i in field.data]).tolist()
     if kinds[0] == gguf.GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    value = field.parts[field.data[0]][0].item()
-    return bool(value) if kinds[0] == gguf.GGUFValueType.BOOL else value
+    value = field.parts[field.data[0]][0]
+    if kinds[0] == gguf.GGUFValueType.BOOL:
+        return bool(value)
+    if kinds[0] == gguf.GGUFValueType.FLOAT32:
+        # The shortest decimal that is this float32: 1e-05, not 9.999999747378752e-06.
+        return float(np.format_float_positional(value, unique=True, trim="-"))
+    return value.item()
 
 
 def read_gguf_metadata(reader: Any) -> dict[str, Any]:
