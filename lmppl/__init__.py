@@ -7,7 +7,18 @@ inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handl
 
 from lmppl import infer, potentials
 from lmppl.distribution import LM
+from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, table_lm
 from lmppl.prompt import concat
 
-__all__ = ["LM", "LanguageModel", "ModelConfig", "concat", "infer", "potentials", "table_lm"]
+__all__ = [
+    "LM",
+    "Generation",
+    "LanguageModel",
+    "ModelConfig",
+    "concat",
+    "generate",
+    "infer",
+    "potentials",
+    "table_lm",
+]

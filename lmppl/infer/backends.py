@@ -114,16 +114,23 @@ class SMC:
     def _sharding(self):
         if self.mesh is None:
             return None
-        from jax.sharding import NamedSharding, PartitionSpec
+        from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-        axis = self.mesh.axis_names[0]
-        size = self.mesh.shape[axis]
+        # The sweep places particles with sharding constraints and lets XLA propagate
+        # them, so the mesh's axes are used in Auto mode (jax.make_mesh makes Explicit).
+        mesh = Mesh(
+            self.mesh.devices,
+            self.mesh.axis_names,
+            axis_types=(AxisType.Auto,) * len(self.mesh.axis_names),
+        )
+        axis = mesh.axis_names[0]
+        size = mesh.shape[axis]
         if self.num_particles % size:
             raise ValueError(
                 f"num_particles={self.num_particles} is not divisible by the {size} devices "
                 f"of mesh axis '{axis}'"
             )
-        return NamedSharding(self.mesh, PartitionSpec(axis))
+        return NamedSharding(mesh, PartitionSpec(axis))
 
     def _options(self) -> SweepOptions:
         return SweepOptions(

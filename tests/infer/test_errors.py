@@ -1,0 +1,123 @@
+"""Bad input gives one clear error (or a warning), never a deep JAX traceback or NaN."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import lmppl
+from lmppl import potentials
+
+LM = lmppl.table_lm(3, context_length=8, seed=0)
+
+
+def test_program_without_lm_site():
+    def program():
+        numpyro.sample("x", dist.Normal(0, 1))
+
+    with pytest.raises(ValueError, match="no latent lmppl.LM site"):
+        lmppl.infer.SMC(program, 4).run(jax.random.key(0))
+
+
+def test_nan_potential_names_the_site():
+    def program():
+        s = numpyro.sample("s", lmppl.LM(LM, "a", 2))
+        numpyro.factor("broken", jnp.where(s[0] == 2, jnp.nan, 0.0))
+
+    with pytest.raises(ValueError, match="site 'broken' returned NaN"):
+        lmppl.infer.SMC(program, 64).run(jax.random.key(0))
+
+
+def test_nan_from_host_scorer_names_the_site():
+    def program():
+        s = numpyro.sample("s", lmppl.LM(LM, "a", 2))
+        numpyro.factor(
+            "scored", potentials.text(lambda texts: [float("nan")] * len(texts), LM.tokenizer)(s)
+        )
+
+    with pytest.raises(ValueError, match="site 'scored' returned NaN"):
+        lmppl.infer.ImportanceSampling(program, 8).run(jax.random.key(0))
+
+
+def test_all_weights_zero_warns_and_returns_minus_infinity():
+    def program():
+        s = numpyro.sample("s", lmppl.LM(LM, "a", 2))
+        numpyro.factor("impossible", potentials.log_indicator(s[0] > 100))
+
+    with pytest.warns(RuntimeWarning, match="every particle has weight zero"):
+        result = lmppl.infer.SMC(program, 8, ess_threshold=1.0).run(jax.random.key(0))
+    assert np.isneginf(float(result.log_marginal))
+    assert not np.isnan(np.asarray(result.log_weights)).any()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8"])
+def test_num_particles_must_be_positive_integer(bad):
+    with pytest.raises(ValueError, match="num_particles"):
+        lmppl.infer.SMC(lambda: None, bad)
+
+
+def test_host_scorer_with_wrong_number_of_scores():
+    def program():
+        s = numpyro.sample("s", lmppl.LM(LM, "a", 2))
+        numpyro.factor(
+            "short", potentials.text(lambda texts: [0.0], LM.tokenizer, name="short_scorer")(s)
+        )
+
+    with pytest.raises(Exception, match="short_scorer returned 1 scores for 8 texts"):
+        lmppl.infer.ImportanceSampling(program, 8).run(jax.random.key(0))
+
+
+def test_prompt_longer_than_context():
+    with pytest.raises(ValueError, match="exceeds the context length 8"):
+        lmppl.LM(LM, "abcabc", 4)
+
+
+def test_prompt_ids_outside_vocabulary():
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):
+        lmppl.LM(LM, [0, 9], 2)
+
+
+def test_text_prompt_needs_known_characters():
+    with pytest.raises(ValueError, match="not in this tokenizer"):
+        lmppl.LM(LM, "xyz", 2)
+
+
+def test_missing_twist_for_site():
+    def program():
+        numpyro.sample("s", lmppl.LM(LM, "a", 2))
+
+    with pytest.raises(ValueError, match="no twist for the LM site 's'"):
+        lmppl.infer.TwistedSMC(program, 4, twists={"other": lambda i: 0}).run(jax.random.key(0))
+
+
+def test_second_latent_lm_site_is_refused():
+    def program():
+        a = numpyro.sample("a", lmppl.LM(LM, "a", 2))
+        numpyro.sample("b", lmppl.LM(LM, lmppl.concat("a", a), 2))
+
+    with pytest.raises(ValueError, match="second latent LM site 'b'"):
+        lmppl.infer.SMC(program, 4).run(jax.random.key(0))
+
+
+def test_prompt_depending_on_latent_site_is_refused():
+    def program():
+        z = numpyro.sample("z", dist.Categorical(probs=jnp.ones(3) / 3))
+        numpyro.sample("s", lmppl.LM(LM, lmppl.concat([0], (z + 2)[None]), 2))
+
+    with pytest.raises(ValueError, match="depends on a latent site"):
+        lmppl.infer.SMC(program, 4).run(jax.random.key(0))
+
+
+def test_unknown_resampler():
+    def program():
+        numpyro.sample("s", lmppl.LM(LM, "a", 2))
+
+    with pytest.raises(ValueError, match="unknown resampling scheme 'bogus'"):
+        lmppl.infer.SMC(program, 4, resampling="bogus").run(jax.random.key(0))
+
+
+def test_run_needs_a_key():
+    with pytest.raises(TypeError, match="JAX random key"):
+        lmppl.infer.SMC(lambda: None, 4).run(0)
