@@ -9,7 +9,10 @@ Attention runs against a static-shape cache (:class:`lmppl.lm.base.KVCache`): th
 keys and values of row ``b`` are written at positions ``length[b] + (0..S-1)`` and each
 query at position ``q`` attends the cache positions ``j`` with ``j <= q`` (and
 ``q - j < window`` for local attention). Scores and the softmax are computed in float32
-whatever the parameter dtype.
+whatever the parameter dtype. Positions at or past the cache length ``L`` are not written
+(the caller sizes the cache for prompt plus generation); positions a row has written beyond
+its ``length`` (right padding) are never visible to its real queries and are overwritten by
+the row's next tokens.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ class LayerNorm(nnx.Module):
         centred = x32 - mean
         variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
         normed = centred * jax.lax.rsqrt(variance + self.eps)
-        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...]).astype(x.dtype)
+        weight = self.weight[...].astype(jnp.float32)
+        return (normed * weight + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def token_positions(lengths: jax.Array, steps: int) -> jax.Array:
@@ -154,7 +158,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
       theta: the base frequency.
     """
     half = x.shape[-1] // 2
-    inverse_frequencies = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / (2 * half)))
+    exponents = jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)  # 2k / D
+    inverse_frequencies = 1.0 / (theta**exponents)
     angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies  # [B, S, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]

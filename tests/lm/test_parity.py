@@ -89,7 +89,8 @@ def test_bfloat16_parameters_give_float32_logits_close_to_float32(get_twin, case
     twin = get_twin(case)
     lm16 = twin.lm.astype(jnp.bfloat16)
     tokens = jnp.asarray(random_tokens(4, (1, 6), lm16.vocab_size))
-    output = jax.jit(lm16.apply)(lm16.params, tokens, lm16.init_cache(1, 8))
+    with jax.numpy_dtype_promotion("strict"):  # no silent bfloat16 -> float32 upcasts
+        output = jax.jit(lm16.apply)(lm16.params, tokens, lm16.init_cache(1, 8))
     assert lm16.dtype == jnp.bfloat16
     assert output.logits.dtype == jnp.float32
     assert output.cache.keys[0].dtype == jnp.bfloat16
