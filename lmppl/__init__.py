@@ -9,6 +9,7 @@ from lmppl import infer, potentials
 from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, table_lm
+from lmppl.lm.registry import load
 from lmppl.prompt import concat
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "concat",
     "generate",
     "infer",
+    "load",
     "potentials",
     "table_lm",
 ]
