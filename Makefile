@@ -18,15 +18,15 @@ run: $(VENV)/.installed
 	$(PY) -m lmppl
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check lmppl tests benchmarks models inference
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow"
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check lmppl tests benchmarks models inference
-	$(PY) -m ruff format --check lmppl tests benchmarks models inference
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/decode.py
