@@ -8,8 +8,7 @@ inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handl
 from lmppl import infer, potentials
 from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
-from lmppl.lm import LanguageModel, ModelConfig, table_lm
-from lmppl.lm.registry import load
+from lmppl.lm import LanguageModel, ModelConfig, load, table_lm
 from lmppl.prompt import concat
 
 __all__ = [

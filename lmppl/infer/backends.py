@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmppl.infer.arguments import split_arguments
@@ -132,30 +133,38 @@ class SMC:
             )
         return NamedSharding(mesh, PartitionSpec(axis))
 
-    def _options(self) -> SweepOptions:
+    def _options(self, conditional: bool = False) -> SweepOptions:
         return SweepOptions(
             num_particles=self.num_particles,
             resampling=self.resampling,
             ess_threshold=self.ess_threshold,
             particle_sharding=self._sharding(),
+            conditional=conditional,
         )
 
-    def compile(self, *args, **kwargs) -> tuple[ProgramStructure, Callable, list, Any]:
-        """Discover the program's structure and build (or reuse) its jitted sweep."""
+    def compile(
+        self, *args, conditional: bool = False, **kwargs
+    ) -> tuple[ProgramStructure, Callable, list, Any]:
+        """Discover the program's structure and build (or reuse) its jitted sweep.
+
+        The jitted sweep is ``sweep(rng_key, model_params, twist_params, arrays,
+        reference)`` with ``arrays`` the program's array arguments and ``reference`` the
+        clamped sequence of a conditional sweep (None otherwise).
+        """
         arrays, static_key, rebuild = split_arguments(args, kwargs)
-        entry = self._compiled.get(static_key)
+        entry = self._compiled.get((static_key, conditional))
         if entry is None:
             structure = discover(self.program, args, kwargs)
             twist = self._twist_for(structure)
             twist_apply = split_twist(twist)[0] if twist is not None else None
-            sweep = build_sweep(structure, self.program, self._options(), twist_apply)
+            sweep = build_sweep(structure, self.program, self._options(conditional), twist_apply)
 
-            def run_sweep(rng_key, model_params, twist_params, arrays):
+            def run_sweep(rng_key, model_params, twist_params, arrays, reference):
                 call_args, call_kwargs = rebuild(arrays)
-                return sweep(rng_key, model_params, twist_params, call_args, call_kwargs)
+                return sweep(rng_key, model_params, twist_params, call_args, call_kwargs, reference)
 
             entry = (structure, jax.jit(run_sweep))
-            self._compiled[static_key] = entry
+            self._compiled[(static_key, conditional)] = entry
         structure, jitted = entry
         twist = self._twist_for(structure)
         twist_params = split_twist(twist)[1] if twist is not None else None
@@ -166,7 +175,7 @@ class SMC:
         rng_key = _check_key(rng_key)
         structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
         model_params = tuple(model.params for model in structure.models)
-        output = jitted(rng_key, model_params, twist_params, arrays)
+        output = jitted(rng_key, model_params, twist_params, arrays, None)
         check_output(output, self.name)
         site = structure.lm_site
         samples = {site.name: output.tokens, **output.latent_values}
@@ -192,8 +201,34 @@ class SMC:
         structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
         model_params = tuple(model.params for model in structure.models)
         keys = jax.random.split(rng_key, num_runs)
-        many = jax.vmap(jitted, in_axes=(0, None, None, None))
-        outputs = many(keys, model_params, twist_params, arrays)
+        many = jax.vmap(jitted, in_axes=(0, None, None, None, None))
+        outputs = many(keys, model_params, twist_params, arrays, None)
+        return outputs.log_marginal
+
+    def conditional_log_marginals(
+        self, rng_key: jax.Array, references: jax.Array, *args, **kwargs
+    ) -> jax.Array:
+        """log Ẑ of conditional SMC, one run per reference sequence ``[R, T]`` → ``[R]``.
+
+        Particle 0 is clamped to the reference through every step (it is never
+        resampled away); the others are resampled as usual. With references drawn
+        exactly from σ, the mean of these estimates is an upper bound on log Z (with no
+        resampling: the IWAE upper bound), the counterpart of :meth:`log_marginals`.
+        """
+        rng_key = _check_key(rng_key)
+        references = jnp.asarray(references, jnp.int32)
+        if references.ndim != 2:
+            raise ValueError(f"references must be [R, T] token ids, got shape {references.shape}")
+        structure, jitted, arrays, twist_params = self.compile(*args, conditional=True, **kwargs)
+        if references.shape[1] != structure.lm_site.max_new_tokens:
+            raise ValueError(
+                f"references have {references.shape[1]} tokens but the LM site "
+                f"'{structure.lm_site.name}' generates {structure.lm_site.max_new_tokens}"
+            )
+        model_params = tuple(model.params for model in structure.models)
+        keys = jax.random.split(rng_key, references.shape[0])
+        many = jax.vmap(jitted, in_axes=(0, None, None, None, 0))
+        outputs = many(keys, model_params, twist_params, arrays, references)
         return outputs.log_marginal
 
 

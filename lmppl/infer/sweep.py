@@ -34,6 +34,7 @@ from jax.scipy.special import logsumexp
 
 from lmppl.decoding import DecodeState, feed, next_token_log_probs, prefill
 from lmppl.infer.program import (
+    ProgramError,
     ProgramStructure,
     run_prefix,
     run_suffix,
@@ -58,6 +59,10 @@ class SweepOptions:
       apply_step_potentials: apply per-step potentials inside the sweep (otherwise they
         are part of the final φ, as for plain SIS with p0 proposals).
       particle_sharding: a ``jax.sharding.Sharding`` for particle-leading arrays, or None.
+      conditional: conditional SMC: particle 0 is clamped to a given reference sequence
+        through every step and keeps its own ancestry, only the other N − 1 particles are
+        resampled. With the reference an exact sample of σ, ``E[log Ẑ] >= log Z`` (the
+        upper half of the bidirectional bounds).
     """
 
     num_particles: int
@@ -65,6 +70,7 @@ class SweepOptions:
     ess_threshold: float | None = 0.5
     apply_step_potentials: bool = True
     particle_sharding: Any = None
+    conditional: bool = False
 
 
 class ParticleState(NamedTuple):
@@ -96,11 +102,14 @@ class StepInfo(NamedTuple):
       ess: ``[]`` ESS of the weights before the step's resampling decision.
       resampled: ``[]`` bool, whether the step resampled.
       ancestors: ``[N]`` the ancestor of each particle (identity when not resampled).
+      log_weights: ``[N]`` log-weights of the current epoch after the step's increment
+        (for t < T, without φ): with no resampling, the SIS weights of π_t.
     """
 
     ess: jax.Array
     resampled: jax.Array
     ancestors: jax.Array
+    log_weights: jax.Array
 
 
 class SweepOutput(NamedTuple):
@@ -116,6 +125,7 @@ class SweepOutput(NamedTuple):
       ess: ``[T + 1]`` ESS before each step's resampling and of the final weights.
       resampled: ``[T]`` bool.
       ancestors: ``[T, N]``.
+      log_weight_history: ``[T, N]`` each step's log-weights (see :class:`StepInfo`).
     """
 
     tokens: jax.Array
@@ -127,6 +137,7 @@ class SweepOutput(NamedTuple):
     ess: jax.Array
     resampled: jax.Array
     ancestors: jax.Array
+    log_weight_history: jax.Array
 
 
 def _log_mean_exp(log_weights: jax.Array) -> jax.Array:
@@ -151,10 +162,11 @@ def build_sweep(
     options: SweepOptions,
     twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
 ) -> Callable[..., SweepOutput]:
-    """The (unjitted) sweep ``sweep(rng_key, model_params, twist_params, args, kwargs)``.
+    """The (unjitted) sweep ``sweep(rng_key, model_params, twist_params, args, kwargs, reference)``.
 
     ``model_params`` is a tuple aligned with ``structure.models``; ``twist_params`` is the
-    twist's parameter pytree (or None). The caller jits it.
+    twist's parameter pytree (or None); ``reference`` is the clamped sequence ``[T]`` of a
+    conditional sweep (None otherwise). The caller jits it.
     """
     site = structure.lm_site
     model = site.model
@@ -164,7 +176,13 @@ def build_sweep(
     resample = get_resampler(options.resampling)
     threshold = options.ess_threshold
 
-    def sweep(rng_key, model_params, twist_params, args, kwargs):
+    if options.conditional and structure.prefix_sites:
+        raise ProgramError(
+            "conditional SMC clamps the LM site only; the program samples latent sites "
+            "before it: " + ", ".join(structure.prefix_sites)
+        )
+
+    def sweep(rng_key, model_params, twist_params, args, kwargs, reference=None):
         prefix_key, step_key, suffix_key = jax.random.split(rng_key, 3)
         lm_params = model_params[structure.models.index(model)]
         prefix_values, prompt_tokens, prompt_length = run_prefix(
@@ -189,6 +207,8 @@ def build_sweep(
 
         def resample_branch(state: ParticleState, key):
             ancestors = resample(key, state.log_weights, num)
+            if options.conditional:
+                ancestors = ancestors.at[0].set(0)
             gather = lambda tree: jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), tree)
             new = ParticleState(
                 decode=DecodeState(
@@ -245,6 +265,8 @@ def build_sweep(
                     jnp.isneginf(state.log_psi), -jnp.inf, log_norm - state.log_psi
                 )
             token = jax.random.categorical(sample_key, proposal).astype(jnp.int32)
+            if options.conditional:
+                token = token.at[0].set(reference[t])
             new_log_psi = (
                 jnp.take_along_axis(log_psi_all, token[:, None], axis=1)[:, 0]
                 if log_psi_all is not None
@@ -267,7 +289,7 @@ def build_sweep(
                 log_marginal=state.log_marginal,
             )
             new_state = _constrain(new_state, options.particle_sharding, num)
-            return new_state, StepInfo(ess, resampled, ancestors)
+            return new_state, StepInfo(ess, resampled, ancestors, new_state.log_weights)
 
         keys = jax.random.split(step_key, steps)
         state, info = jax.lax.scan(step, state, (jnp.arange(steps), keys))
@@ -299,6 +321,7 @@ def build_sweep(
             ess=jnp.concatenate([info.ess, effective_sample_size(log_weights)[None]]),
             resampled=info.resampled,
             ancestors=info.ancestors,
+            log_weight_history=info.log_weights,
         )
 
     return sweep

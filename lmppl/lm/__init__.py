@@ -8,17 +8,49 @@ from lmppl.lm.base import (
     broadcast_cache,
     reorder_cache,
 )
+from lmppl.lm.build import SUPPORTED_MODEL_TYPES, build_network, config_from_hf
 from lmppl.lm.config import ModelConfig
+from lmppl.lm.gguf_reader import read_gguf
+from lmppl.lm.gpt2 import GPT2Network
+from lmppl.lm.gpt_neo import GPTNeoNetwork
+from lmppl.lm.hf import HFTokenizer, load_hf
+from lmppl.lm.llama import LlamaNetwork
+from lmppl.lm.llama2c import read_llama2c
+from lmppl.lm.registry import KNOWN_MODELS, load, load_gguf, load_llama2c
 from lmppl.lm.table import CharTokenizer, table_lm
+from lmppl.lm.tokenizers import (
+    ByteLevelBPETokenizer,
+    Llama2cTokenizer,
+    load_llama2c_tokenizer,
+    tokenizer_from_gguf_metadata,
+)
 
 __all__ = [
+    "KNOWN_MODELS",
+    "SUPPORTED_MODEL_TYPES",
+    "ByteLevelBPETokenizer",
     "CharTokenizer",
+    "GPT2Network",
+    "GPTNeoNetwork",
+    "HFTokenizer",
     "KVCache",
     "LMOutput",
     "LanguageModel",
+    "LlamaNetwork",
+    "Llama2cTokenizer",
     "ModelConfig",
     "Tokenizer",
     "broadcast_cache",
+    "build_network",
+    "config_from_hf",
+    "load",
+    "load_gguf",
+    "load_hf",
+    "load_llama2c",
+    "load_llama2c_tokenizer",
+    "read_gguf",
+    "read_llama2c",
     "reorder_cache",
     "table_lm",
+    "tokenizer_from_gguf_metadata",
 ]

@@ -147,3 +147,34 @@ def test_new_argument_values_do_not_recompile():
     sampler.run(jax.random.key(0), jnp.array([3, 3], jnp.int32))
     ((_, jitted),) = sampler._compiled.values()
     assert jitted._cache_size() == 1
+
+
+def exact_samples(name, count, seed=0):
+    program, args = TARGETS[name]
+    exact = lmppl.infer.Exact(program).run(None, *args)
+    index = jax.random.categorical(jax.random.key(seed), exact.log_weights, shape=(count,))
+    return exact, jnp.asarray(exact.samples["s"])[index]
+
+
+@pytest.mark.parametrize("ess_threshold", [None, 1.0])
+def test_conditional_smc_upper_bounds_log_z(ess_threshold):
+    """With exact references, E[log Ẑ_CSMC] >= log Z >= E[log Ẑ_SMC] (beyond 4 s.e.)."""
+    program, args = TARGETS["infilling"]
+    exact, references = exact_samples("infilling", NUM_RUNS)
+    log_z = float(exact.log_marginal)
+    sampler = lmppl.infer.SMC(program, 4, ess_threshold=ess_threshold)
+    upper = np.asarray(sampler.conditional_log_marginals(jax.random.key(1), references, *args))
+    lower = np.asarray(sampler.log_marginals(jax.random.key(2), NUM_RUNS, *args))
+    se = lambda x: x.std(ddof=1) / np.sqrt(x.size)
+    assert upper.mean() - log_z > -4 * se(upper)
+    assert log_z - lower.mean() > -4 * se(lower)
+    assert upper.mean() > lower.mean()
+
+
+def test_conditional_smc_is_exact_with_optimal_twist():
+    program, args = TARGETS["infilling"]
+    exact, references = exact_samples("infilling", 10)
+    twist = lmppl.infer.Exact(program).optimal_twist(*args)
+    sampler = lmppl.infer.TwistedSMC(program, 4, twists={"s": twist})
+    upper = np.asarray(sampler.conditional_log_marginals(jax.random.key(1), references, *args))
+    np.testing.assert_allclose(upper, float(exact.log_marginal), atol=2e-5)
