@@ -5,10 +5,10 @@ potential is a ``numpyro.factor`` or an observed site (:mod:`lmppl.potentials`);
 inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handlers.
 """
 
-from lmppl import infer, potentials
+from lmppl import infer, potentials, twists
 from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
-from lmppl.lm import LanguageModel, ModelConfig, load, table_lm
+from lmppl.lm import LanguageModel, ModelConfig, load, random_lm, table_lm
 from lmppl.prompt import concat
 
 __all__ = [
@@ -21,5 +21,7 @@ __all__ = [
     "infer",
     "load",
     "potentials",
+    "random_lm",
     "table_lm",
+    "twists",
 ]

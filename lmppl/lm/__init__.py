@@ -16,6 +16,7 @@ from lmppl.lm.gpt_neo import GPTNeoNetwork
 from lmppl.lm.hf import HFTokenizer, load_hf
 from lmppl.lm.llama import LlamaNetwork
 from lmppl.lm.llama2c import read_llama2c
+from lmppl.lm.random_init import random_lm
 from lmppl.lm.registry import KNOWN_MODELS, load, load_gguf, load_llama2c
 from lmppl.lm.table import CharTokenizer, table_lm
 from lmppl.lm.tokenizers import (
@@ -49,6 +50,7 @@ __all__ = [
     "load_llama2c",
     "load_llama2c_tokenizer",
     "read_gguf",
+    "random_lm",
     "read_llama2c",
     "reorder_cache",
     "table_lm",
