@@ -108,7 +108,9 @@ class SMC:
         self.mesh = mesh
         self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
 
-    # Subclasses choose the twist.
+    # Subclasses choose the twist (and what it is conditioned on).
+    twist_condition: Callable[..., Any] | None = None
+
     def _twist_for(self, structure: ProgramStructure):
         return None
 
@@ -157,7 +159,13 @@ class SMC:
             structure = discover(self.program, args, kwargs)
             twist = self._twist_for(structure)
             twist_apply = split_twist(twist)[0] if twist is not None else None
-            sweep = build_sweep(structure, self.program, self._options(conditional), twist_apply)
+            sweep = build_sweep(
+                structure,
+                self.program,
+                self._options(conditional),
+                twist_apply,
+                self.twist_condition if twist is not None else None,
+            )
 
             def run_sweep(rng_key, model_params, twist_params, arrays, reference):
                 call_args, call_kwargs = rebuild(arrays)
@@ -250,6 +258,9 @@ class TwistedSMC(SMC):
         (log ψ ≡ 0) makes this bootstrap SMC.
       resampling, ess_threshold, mesh: as :class:`SMC` (default: resample every step,
         as in the paper).
+      twist_condition: ``f(*args, **kwargs) -> pytree`` computed from the program's
+        arguments and handed to the twist as ``TwistInputs.condition`` (e.g. the observed
+        continuation of an infilling program, for a conditional twist).
     """
 
     name = "TwistedSMC"
@@ -263,6 +274,7 @@ class TwistedSMC(SMC):
         resampling: Any = "multinomial",
         ess_threshold: float | None = 1.0,
         mesh: Any = None,
+        twist_condition: Callable[..., Any] | None = None,
     ):
         super().__init__(
             program,
@@ -273,7 +285,10 @@ class TwistedSMC(SMC):
         )
         if not isinstance(twists, dict) or not twists:
             raise ValueError("twists must be a dict {lm_site_name: twist}")
+        if twist_condition is not None and not callable(twist_condition):
+            raise TypeError("twist_condition must be a callable f(*args, **kwargs) -> pytree")
         self.twists = twists
+        self.twist_condition = twist_condition
 
     def _twist_for(self, structure: ProgramStructure):
         name = structure.lm_site.name

@@ -161,12 +161,14 @@ def build_sweep(
     program: Callable,
     options: SweepOptions,
     twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
+    twist_condition: Callable[..., Any] | None = None,
 ) -> Callable[..., SweepOutput]:
     """The (unjitted) sweep ``sweep(rng_key, model_params, twist_params, args, kwargs, reference)``.
 
     ``model_params`` is a tuple aligned with ``structure.models``; ``twist_params`` is the
     twist's parameter pytree (or None); ``reference`` is the clamped sequence ``[T]`` of a
-    conditional sweep (None otherwise). The caller jits it.
+    conditional sweep (None otherwise); ``twist_condition(*args, **kwargs)``, if given, is
+    handed to the twist as ``TwistInputs.condition``. The caller jits it.
     """
     site = structure.lm_site
     model = site.model
@@ -189,6 +191,7 @@ def build_sweep(
             structure, program, args, kwargs, model_params, jax.random.split(prefix_key, num)
         )
         decode = prefill(model, lm_params, prompt_tokens, prompt_length, num, steps)
+        condition = twist_condition(*args, **kwargs) if twist_condition is not None else None
         step_potentials = (
             step_potential_functions(structure, program, args, kwargs, model_params, prefix_key)
             if options.apply_step_potentials
@@ -248,7 +251,9 @@ def build_sweep(
                 proposal_logits = proposal_logits + step_log_weights
             log_psi_all = None
             if twist_apply is not None:
-                inputs = TwistInputs(state.decode.hidden, state.tokens, t)
+                inputs = TwistInputs(
+                    state.decode.hidden, state.tokens, t, condition, prompt_tokens, prompt_length
+                )
                 log_psi_all = twist_apply(twist_params, inputs).astype(jnp.float32)
                 proposal_logits = proposal_logits + log_psi_all
             if proposal_logits is log_p0:

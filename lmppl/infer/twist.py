@@ -33,13 +33,19 @@ class TwistInputs(NamedTuple):
         (the last prompt token when ``t == 0``).
       tokens: ``[N, T]`` tokens generated so far (entries at positions ``>= t`` are 0).
       step: ``[]`` int32, ``t``.
-      condition: a pytree the caller attaches (e.g. an observed continuation), or None.
+      condition: a pytree the caller attaches (e.g. an observed continuation), or None;
+        ``TwistedSMC(..., twist_condition=f)`` attaches ``f(*args, **kwargs)``.
+      prompt_tokens: ``[P]`` the LM site's prompt (right-padded), or None; read by twists
+        that run their own network over prompt and prefix.
+      prompt_length: ``[]`` int32 real length of ``prompt_tokens``, or None.
     """
 
     hidden: jax.Array
     tokens: jax.Array
     step: jax.Array
     condition: Any = None
+    prompt_tokens: jax.Array | None = None
+    prompt_length: jax.Array | None = None
 
 
 @runtime_checkable

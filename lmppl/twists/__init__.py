@@ -1,0 +1,43 @@
+"""Learned twists for twisted SMC (Zhao et al. 2024): networks, losses, training.
+
+* networks: :class:`LinearTwist`, :class:`MLPTwist` (heads on the frozen base LM's hidden
+  states), :class:`TransformerTwist` (a trainable copy of the base LM body with a head),
+  :class:`TabularTwist` (one parameter per prefix, for enumerable targets);
+* losses (:mod:`lmppl.twists.losses`): ``ctl``, ``rl``, ``sixo``, ``fudge``, ``dpg``;
+* training: :func:`fit` ``-> (trained_twist, history)``; checkpoints with
+  :func:`save_twist` / :func:`load_twist`.
+
+A trained twist is used as ``lmppl.infer.TwistedSMC(program, N, twists={"site": twist})``.
+"""
+
+from lmppl.twists import losses
+from lmppl.twists.base import Twist
+from lmppl.twists.checkpoint import load_checkpoint, load_twist, save_checkpoint, save_twist
+from lmppl.twists.heads import LinearTwist, MLPTwist
+from lmppl.twists.losses import TwistLoss, ctl, dpg, fudge, rl, sixo
+from lmppl.twists.samples import Samples
+from lmppl.twists.tabular import TabularTwist
+from lmppl.twists.training import TrainingDiverged, fit
+from lmppl.twists.transformer import TransformerTwist
+
+__all__ = [
+    "LinearTwist",
+    "MLPTwist",
+    "Samples",
+    "TabularTwist",
+    "TrainingDiverged",
+    "TransformerTwist",
+    "Twist",
+    "TwistLoss",
+    "ctl",
+    "dpg",
+    "fit",
+    "fudge",
+    "load_checkpoint",
+    "load_twist",
+    "losses",
+    "rl",
+    "save_checkpoint",
+    "save_twist",
+    "sixo",
+]

@@ -1,0 +1,95 @@
+"""The base of lmppl's learned twists: a parameter pytree and a pure ``apply``.
+
+A twist maps what the sweep knows at step ``t`` (:class:`~lmppl.infer.twist.TwistInputs`)
+to ``log ψ_{t+1}(s_1:t, v)`` for every vocabulary entry ``v`` (``[N, V]``). Learned
+twists keep their weights in ``params`` (a pytree) so that they enter jitted sweeps and
+training steps as arguments, and implement
+
+* ``apply(params, inputs) -> [N, V]`` — one decoding step (what ``TwistedSMC`` calls);
+* ``apply_sequence(params, inputs) -> [N, T, V]`` — every step of given sequences at once
+  (teacher forcing, what the training losses call); ``inputs.hidden`` is then
+  ``[N, T, H]``: the base LM's hidden state before each step.
+
+Output modes: ``"log"`` (the head's output is log ψ) or ``"log_sigmoid"``
+(``log ψ = log sigmoid(head)``, so ψ ∈ (0, 1): a probability, as FUDGE trains it).
+With the last layer at zero the first mode gives ψ ≡ 1 and the second ψ ≡ 1/2: either
+way the twist-induced proposal is p0 and the weights are those of bootstrap SMC.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lmppl.infer.twist import TwistInputs
+
+__all__ = ["OUTPUTS", "Twist", "prefix_mask"]
+
+#: Accepted output modes of a learned twist.
+OUTPUTS = ("log", "log_sigmoid")
+
+
+def prefix_mask(tokens: jax.Array, step: jax.Array) -> jax.Array:
+    """``tokens [N, T]`` with entries at positions ``>= step`` set to 0 (as the sweep has them)."""
+    return jnp.where(jnp.arange(tokens.shape[1])[None, :] < step, tokens, 0)
+
+
+class Twist:
+    """Common machinery of learned twists (subclasses define ``_raw`` and ``params``).
+
+    Attributes:
+      params: the trainable parameter pytree.
+      output: ``"log"`` or ``"log_sigmoid"`` (see the module docstring).
+      vocab_size: V.
+    """
+
+    params: Any
+    output: str = "log"
+    vocab_size: int
+
+    def _check_output(self, output: str) -> str:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        return output
+
+    def _finish(self, raw: jax.Array) -> jax.Array:
+        raw = raw.astype(jnp.float32)
+        return jax.nn.log_sigmoid(raw) if self.output == "log_sigmoid" else raw
+
+    def _raw(self, params: Any, inputs: TwistInputs) -> jax.Array:
+        raise NotImplementedError
+
+    def apply(self, params: Any, inputs: TwistInputs) -> jax.Array:
+        """``log ψ_{t+1}(s_1:t, v)`` ``[N, V]`` at step ``t = inputs.step``."""
+        return self._finish(self._raw(params, inputs))
+
+    def apply_sequence(self, params: Any, inputs: TwistInputs) -> jax.Array:
+        """``[N, T, V]``: :meth:`apply` at every step ``t = 0..T-1`` of ``inputs.tokens``.
+
+        ``inputs.hidden`` is ``[N, T, H]`` (the base LM's hidden state before each step);
+        ``inputs.step`` is ignored. The default vmaps :meth:`apply` over steps.
+        """
+        steps = inputs.tokens.shape[1]
+
+        def one(t):
+            return self.apply(
+                params,
+                inputs._replace(
+                    hidden=inputs.hidden[:, t], tokens=prefix_mask(inputs.tokens, t), step=t
+                ),
+            )
+
+        return jnp.moveaxis(jax.vmap(one)(jnp.arange(steps)), 0, 1)
+
+    def with_params(self, params: Any) -> Twist:
+        """A copy of this twist holding ``params`` (e.g. the trained ones)."""
+        other = copy.copy(self)
+        other.params = params
+        return other
+
+    def __repr__(self) -> str:
+        count = sum(int(x.size) for x in jax.tree.leaves(self.params))
+        return f"{type(self).__name__}(vocab={self.vocab_size}, output={self.output!r}, params={count})"

@@ -1,0 +1,147 @@
+"""Sampled sequences with everything the twist losses read, teacher-forced in one pass.
+
+A training step draws sequences without gradient (SIS from the twist-induced proposal,
+p0 rollouts, or exact target samples), then evaluates the twist on them in one
+teacher-forced pass that the gradient flows through. For sequences ``s`` ``[N, T]``:
+
+* ``log_p0[:, t, v] = log p0(v | s_<t+1)`` — the frozen base LM, one pass;
+* ``log_psi[:, t, v] = log ψ_{t+1}(s_1:t, v)`` — the twist at every step (``apply_sequence``).
+
+From these, with EOS rows padded (positions after the first EOS carry no token, and
+keep the twist value of their last real prefix, as in the sweep):
+
+* ``log ψ_t(s_1:t)`` (:meth:`Samples.log_psi_tokens`),
+* ``log q(s_t | s_<t) = log softmax(log p0 + log ψ)[s_t]`` (:meth:`Samples.log_q_tokens`),
+* ``log Σ_v p0(v | s_1:t) ψ_{t+1}(s_1:t, v)`` (:meth:`Samples.log_next_normalizer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from lmppl.decoding import next_token_log_probs, prefill
+from lmppl.infer.twist import TwistInputs
+
+__all__ = ["BasePass", "Samples", "base_pass", "twist_sequence"]
+
+
+class BasePass(NamedTuple):
+    """The frozen base LM on given sequences (no gradient flows here).
+
+    Fields:
+      log_p0: ``[N, T, V]`` next-token log-probabilities before each step.
+      hidden: ``[N, T, H]`` final hidden state before each step.
+      valid: ``[N, T]`` bool, the position holds a real token (at or before the first EOS).
+    """
+
+    log_p0: jax.Array
+    hidden: jax.Array
+    valid: jax.Array
+
+
+class Samples(NamedTuple):
+    """Sequences of one kind with their sampling weights and the twist's values on them.
+
+    Fields:
+      tokens: ``[N, T]``.
+      log_potential: ``[N]`` log φ (zeros where unknown, e.g. exact samples).
+      log_weights: ``[N]`` importance log-weights of σ (SIS: ``log σ̃/q``; zeros for
+        samples drawn from the distribution they represent).
+      log_weight_history: ``[T, N]`` cumulative SIS log-weights of π_t,
+        ``log p0(s_1:t) ψ_t(s_1:t) / q(s_1:t)`` (zeros where not SIS).
+      log_p0, valid: from :class:`BasePass`.
+      log_psi: ``[N, T, V]`` twist values (a function of the twist parameters).
+    """
+
+    tokens: jax.Array
+    log_potential: jax.Array
+    log_weights: jax.Array
+    log_weight_history: jax.Array
+    log_p0: jax.Array
+    valid: jax.Array
+    log_psi: jax.Array
+
+    def _take(self, values: jax.Array) -> jax.Array:
+        return jnp.take_along_axis(values, self.tokens[..., None], axis=-1)[..., 0]
+
+    def log_psi_tokens(self) -> jax.Array:
+        """``[N, T]`` ``log ψ_t(s_1:t)``; after EOS, the value of the last real prefix."""
+        taken = self._take(self.log_psi)
+        steps = self.tokens.shape[1]
+        last = jax.lax.cummax(jnp.where(self.valid, jnp.arange(steps)[None, :], 0), axis=1)
+        return jnp.take_along_axis(taken, last, axis=1)
+
+    def log_q_tokens(self) -> jax.Array:
+        """``[N, T]`` ``log q(s_t | s_<t)`` of the twist-induced proposal (0 after EOS)."""
+        log_q = jax.nn.log_softmax(self.log_p0 + self.log_psi, axis=-1)
+        return jnp.where(self.valid, self._take(log_q), 0.0)
+
+    def log_p0_tokens(self) -> jax.Array:
+        """``[N, T]`` ``log p0(s_t | s_<t)`` (0 after EOS)."""
+        return jnp.where(self.valid, self._take(self.log_p0), 0.0)
+
+    def log_next_normalizer(self) -> jax.Array:
+        """``[N, T]``: entry t is ``log Σ_v p0(v | s_<t) ψ_t(s_<t, v)`` (t = 1..T)."""
+        return logsumexp(self.log_p0 + self.log_psi, axis=-1)
+
+    def last_valid(self) -> jax.Array:
+        """``[N, T]`` bool: the position is the sequence's last real token (EOS or T)."""
+        steps = self.tokens.shape[1]
+        length = jnp.sum(self.valid, axis=1)
+        return jnp.arange(steps)[None, :] == (length - 1)[:, None]
+
+
+def base_pass(
+    model: Any,
+    params: Any,
+    prompt_tokens: jax.Array,
+    prompt_length: jax.Array,
+    tokens: jax.Array,
+    temperature: float,
+    eos_token_id: int | None,
+) -> BasePass:
+    """Teacher-force ``tokens`` ``[N, T]`` through the frozen base LM after the prompt."""
+    rows, steps = tokens.shape
+    state = prefill(model, params, prompt_tokens, prompt_length, rows, steps)
+    logits, hidden = state.logits[:, None], state.hidden[:, None]
+    if steps > 1:
+        out = model.apply(params, tokens[:, :-1], state.cache)
+        logits = jnp.concatenate([logits, out.logits], axis=1)
+        hidden = jnp.concatenate([hidden, out.hidden], axis=1)
+    if eos_token_id is None:
+        valid = jnp.ones(tokens.shape, bool)
+    else:
+        is_eos = tokens == eos_token_id
+        valid = jnp.cumsum(is_eos, axis=1) - is_eos == 0
+    log_p0 = next_token_log_probs(logits, temperature)
+    return BasePass(jax.lax.stop_gradient(log_p0), jax.lax.stop_gradient(hidden), valid)
+
+
+def twist_sequence(
+    twist: Any,
+    params: Any,
+    base: BasePass,
+    tokens: jax.Array,
+    condition: Any,
+    prompt_tokens: jax.Array,
+    prompt_length: jax.Array,
+) -> jax.Array:
+    """``[N, T, V]`` log ψ at every step of ``tokens`` (``apply_sequence``, or ``apply`` vmapped)."""
+    inputs = TwistInputs(base.hidden, tokens, None, condition, prompt_tokens, prompt_length)
+    if hasattr(twist, "apply_sequence"):
+        out = twist.apply_sequence(params, inputs)
+    else:
+        from lmppl.twists.base import prefix_mask
+
+        def one(t):
+            step_inputs = inputs._replace(
+                hidden=base.hidden[:, t], tokens=prefix_mask(tokens, t), step=t
+            )
+            return twist.apply(params, step_inputs)
+
+        out = jnp.moveaxis(jax.vmap(one)(jnp.arange(tokens.shape[1])), 0, 1)
+    return out.astype(jnp.float32)

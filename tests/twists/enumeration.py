@@ -1,0 +1,78 @@
+"""Exact quantities by enumeration for twist tests: targets, teacher-forced samples, KL."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+
+import lmppl
+from lmppl.infer.program import discover, run_prefix
+from lmppl.twists.samples import Samples, base_pass, twist_sequence
+
+LM = lmppl.table_lm(3, context_length=12, seed=1)  # vocab 5: <s> </s> a b c
+LM_EOS = lmppl.table_lm(4, context_length=12, seed=2, scale=1.5)  # vocab 6
+
+
+def classifier(ending=None):
+    """φ = sigmoid(1.5·#c − 0.5·#a − 1): a probability, so FUDGE applies."""
+    s = numpyro.sample("s", lmppl.LM(LM, "a", 3, stop_at_eos=False))
+    numpyro.factor("p_class", jax.nn.log_sigmoid(1.5 * jnp.sum(s == 4) - 0.5 * jnp.sum(s == 2) - 1))
+
+
+def short(ending=None):
+    """Sequences that stop early (EOS) are preferred; log φ <= 0."""
+    s = numpyro.sample("s", lmppl.LM(LM_EOS, "ab", 3))
+    numpyro.factor("short", -0.7 * jnp.sum(s != 1))
+
+
+def infill(ending):
+    s = numpyro.sample("s", lmppl.LM(LM, "a", 3, stop_at_eos=False))
+    numpyro.sample("ending", lmppl.LM(LM, lmppl.concat("a", s), 2, stop_at_eos=False), obs=ending)
+
+
+ENDING = jnp.array([4, 2], jnp.int32)
+TARGETS = {"classifier": (classifier, ()), "short": (short, ())}
+
+
+def enumerate_samples(program, args, twist, params, condition=None) -> Samples:
+    """Every sequence of the support with ``log_weights = log σ̃`` and the twist's values."""
+    exact = lmppl.infer.Exact(program).run(None, *args)
+    tokens = jnp.asarray(exact.samples["s"])
+    structure = discover(program, args, {})
+    site = structure.lm_site
+    model_params = tuple(m.params for m in structure.models)
+    _, prompt, length = run_prefix(
+        structure, program, args, {}, model_params, jax.random.key(0)[None]
+    )
+    lm_params = model_params[structure.models.index(site.model)]
+    base = base_pass(site.model, lm_params, prompt, length, tokens, 1.0, site.eos_token_id)
+    log_psi = twist_sequence(twist, params, base, tokens, condition, prompt, length)
+    zeros = jnp.zeros(tokens.shape[::-1])
+    return Samples(
+        tokens,
+        jnp.asarray(exact.log_potential),
+        jnp.asarray(exact.log_weights),
+        zeros,
+        base.log_p0,
+        base.valid,
+        log_psi,
+    )
+
+
+def log_p0(samples: Samples) -> jax.Array:
+    return jnp.sum(samples.log_p0_tokens(), axis=1)
+
+
+def log_q(samples: Samples) -> jax.Array:
+    return jnp.sum(samples.log_q_tokens(), axis=1)
+
+
+def kl_divergences(program, args, twist, condition=None) -> tuple[float, float]:
+    """Exact ``(KL(σ‖q), KL(q‖σ))`` of the twist-induced proposal q."""
+    samples = enumerate_samples(program, args, twist, twist.params, condition)
+    log_sigma = np.asarray(jax.nn.log_softmax(samples.log_weights), np.float64)
+    lq = np.asarray(log_q(samples), np.float64)
+    sigma, q = np.exp(log_sigma), np.exp(lq)
+    return float(np.sum(sigma * (log_sigma - lq))), float(np.sum(q * (lq - log_sigma)))
