@@ -1,0 +1,140 @@
+"""Bidirectional log Z bounds and KL estimates against enumeration."""
+
+import jax
+import numpy as np
+import pytest
+from enumerable import classifier, exact, exact_kls, infilling
+
+import lmppl
+from lmppl import evaluation
+
+RUNS = 200
+
+BACKENDS = {
+    "IS": lmppl.infer.ImportanceSampling,
+    "SMC": lambda program, k: lmppl.infer.SMC(program, k, ess_threshold=1.0),
+}
+
+
+def check_sandwich(row, log_z):
+    """E[lower] ≤ log Z ≤ E[upper] within 4 standard errors."""
+    assert row.lower.mean <= log_z + 4 * row.lower.standard_error, row
+    assert row.upper.mean >= log_z - 4 * row.upper.standard_error, row
+
+
+def check_tightens(first, last):
+    """The gap at the largest K is smaller than at K = 1 beyond 4 standard errors."""
+    error = np.hypot(
+        np.hypot(first.lower.standard_error, first.upper.standard_error),
+        np.hypot(last.lower.standard_error, last.upper.standard_error),
+    )
+    assert first.gap - last.gap > 4 * error, (first.gap, last.gap, error)
+    assert last.lower.mean > first.lower.mean and last.upper.mean < first.upper.mean
+
+
+@pytest.mark.parametrize("method", sorted(BACKENDS))
+def test_bounds_sandwich_log_z_and_tighten(method):
+    log_z = float(exact(classifier).log_marginal)
+    references = evaluation.enumeration_sample(classifier, jax.random.key(0), RUNS)
+    table = evaluation.log_z_bounds(
+        classifier, BACKENDS[method], references, [1, 16], RUNS, jax.random.key(1), log_z=log_z
+    )
+    for row in table.rows:
+        check_sandwich(row, log_z)
+    check_tightens(table.rows[0], table.rows[-1])
+    assert table.log_z_estimate() == log_z
+    assert "| 16 |" in table.to_markdown() and table.to_csv().startswith("method,K,")
+
+
+def few_conditions(draws, count):
+    """Keep the samples of the ``count`` most frequent conditions (fewer Exact runs)."""
+    _, group = evaluation.group_by_condition(draws)
+    keep = np.isin(group, np.argsort(np.bincount(group))[-count:])
+    return draws._replace(samples=draws.samples[keep], conditions=draws.conditions[keep])
+
+
+def test_infilling_bounds_average_over_conditions():
+    draws = few_conditions(
+        evaluation.joint_sample(infilling, jax.random.key(2), 40, observed="ending"), 3
+    )
+    conditions, _ = evaluation.group_by_condition(draws)
+    log_z = np.array([float(exact(infilling, c).log_marginal) for c in conditions])
+    table = evaluation.log_z_bounds(
+        infilling, BACKENDS["SMC"], draws, [1, 16], RUNS, jax.random.key(3)
+    )
+    for row in table.rows:
+        check_sandwich(row, log_z.mean())
+    check_tightens(table.rows[0], table.rows[-1])
+    # Per condition, the tightest pair brackets each log Z_c closely.
+    assert np.all(np.abs(table.log_z_by_condition() - log_z) < 0.2)
+
+
+def test_conditional_upper_bound_is_exact_with_the_optimal_twist():
+    log_z = float(exact(infilling, conditions := np.array([4, 2])).log_marginal)
+    twist = lmppl.infer.Exact(infilling).optimal_twist(conditions)
+    references = evaluation.enumeration_sample(infilling, jax.random.key(4), 10, conditions)
+    table = evaluation.log_z_bounds(
+        infilling,
+        lambda p, k: lmppl.infer.TwistedSMC(p, k, twists={"s": twist}),
+        references,
+        [4],
+        10,
+        jax.random.key(5),
+        args=(conditions,),
+    )
+    for row in table.rows:
+        np.testing.assert_allclose(row.upper.values, log_z, atol=2e-5)
+        np.testing.assert_allclose(row.lower.values, log_z, atol=2e-5)
+
+
+def within(interval, value):
+    """``value`` lies within 4 standard errors of the interval's mean."""
+    return abs(interval.mean - value) < 4 * interval.standard_error
+
+
+def test_kl_estimates_match_exact_kl_for_p0():
+    log_z, kl_p0_sigma, kl_sigma_p0 = exact_kls(classifier)
+    references = evaluation.enumeration_sample(classifier, jax.random.key(6), 2000)
+    kl = evaluation.kl_estimates(
+        classifier,
+        lmppl.infer.ImportanceSampling,
+        references,
+        log_z,
+        jax.random.key(7),
+        num_samples=400,
+        num_seeds=5,
+    )
+    assert within(kl.kl_q_sigma, kl_p0_sigma), (kl.kl_q_sigma, kl_p0_sigma)
+    assert within(kl.kl_sigma_q, kl_sigma_p0), (kl.kl_sigma_q, kl_sigma_p0)
+    assert kl.kl_q_sigma.low <= kl.kl_q_sigma.mean <= kl.kl_q_sigma.high
+
+
+def test_kl_estimates_for_infilling_average_over_conditions():
+    draws = few_conditions(
+        evaluation.joint_sample(infilling, jax.random.key(8), 1000, observed="ending"), 3
+    )
+    conditions, group = evaluation.group_by_condition(draws)
+    exact_values = np.array([exact_kls(infilling, c) for c in conditions])
+    kl = evaluation.kl_estimates(
+        infilling,
+        lmppl.infer.ImportanceSampling,
+        draws,
+        exact_values[:, 0],
+        jax.random.key(9),
+        num_samples=200,
+        num_seeds=5,
+    )
+    # E_q term: uniform over distinct conditions; E_σ term: over the (condition, sample) pairs.
+    assert within(kl.kl_q_sigma, exact_values[:, 1].mean())
+    assert within(kl.kl_sigma_q, exact_values[group, 2].mean())
+
+
+def test_bad_inputs_have_clear_errors():
+    with pytest.raises(ValueError, match="num_runs"):
+        evaluation.log_z_bounds(classifier, lmppl.infer.SMC, np.zeros((2, 3), int), [1], 0, None)
+    with pytest.raises(ValueError, match="exact_samples"):
+        evaluation.log_z_bounds(classifier, lmppl.infer.SMC, np.zeros(3), [1], 2, None)
+    with pytest.raises(ValueError, match="num_seeds"):
+        evaluation.kl_estimates(
+            classifier, lmppl.infer.SMC, np.zeros((2, 3), int), 0.0, None, num_seeds=5
+        )
