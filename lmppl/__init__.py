@@ -5,7 +5,7 @@ potential is a ``numpyro.factor`` or an observed site (:mod:`lmppl.potentials`);
 inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handlers.
 """
 
-from lmppl import infer, potentials, twists
+from lmppl import diagnostics, evaluation, infer, plots, potentials, twists
 from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, load, random_lm, table_lm
@@ -17,9 +17,12 @@ __all__ = [
     "LanguageModel",
     "ModelConfig",
     "concat",
+    "diagnostics",
+    "evaluation",
     "generate",
     "infer",
     "load",
+    "plots",
     "potentials",
     "random_lm",
     "table_lm",

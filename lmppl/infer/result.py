@@ -92,15 +92,16 @@ class InferenceResult:
         indices = systematic(rng_key, self.log_weights, num_samples)
         return jax.tree.map(lambda x: jnp.take(jnp.asarray(x), indices, axis=0), self.samples)
 
-    def to_arviz(self):
+    def to_arviz(self, resample_key: jax.Array | None = None):
         """An ``arviz.InferenceData`` view (one chain; draws are the particles).
 
-        ``posterior`` holds the samples and each particle's ``log_potential``;
-        ``sample_stats`` the log-weights and normalised weights (draws are weighted:
-        use ``weight`` or :meth:`resample` for expectations); the ``smc`` group holds
+        ``posterior`` holds the samples, each particle's ``log_potential`` and factor
+        values; ``sample_stats`` the log-weights and normalised weights (draws are
+        weighted: use ``weight``, or ``resample_key`` for equally weighted draws),
         ``log_marginal``, the per-step ``ess`` and ``resampled``. Attributes name the
-        backend, site, model and number of particles.
+        backend, site, model and number of particles. Several runs as chains:
+        :func:`lmppl.diagnostics.runs_to_arviz`.
         """
         from lmppl.diagnostics import result_to_arviz
 
-        return result_to_arviz(self)
+        return result_to_arviz(self, resample_key=resample_key)
