@@ -147,7 +147,7 @@ def build_train_step(
             "loss": value,
             "ess": effective_sample_size(proposal.log_weights) / num_particles,
             "log_marginal": proposal.log_marginal,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             **extra,
         }
         return new_params, new_opt_state, metrics
