@@ -87,11 +87,12 @@ class BoundsTable:
         return rows
 
     def tightest(self) -> BoundsRow:
-        """The row whose mean upper and lower bounds are closest."""
+        """The row whose mean upper and lower bounds are closest (smallest ``|gap|``: with
+        few runs a converged pair can cross by Monte Carlo error)."""
         finite = [row for row in self.rows if np.isfinite(row.gap)]
         if not finite:
             raise ValueError("no row has finite lower and upper bounds")
-        return min(finite, key=lambda row: row.gap)
+        return min(finite, key=lambda row: abs(row.gap))
 
     def log_z_estimate(self) -> float:
         """log Z exactly when known, else the midpoint of the tightest lower/upper pair."""
@@ -105,7 +106,7 @@ class BoundsTable:
         lower = np.stack([row.lower_by_condition for row in self.rows])
         upper = np.stack([row.upper_by_condition for row in self.rows])
         with np.errstate(invalid="ignore"):
-            gap = np.where(np.isfinite(upper - lower), upper - lower, np.inf)
+            gap = np.where(np.isfinite(upper - lower), np.abs(upper - lower), np.inf)
         best = np.argmin(gap, axis=0)
         columns = np.arange(lower.shape[1])
         return (lower[best, columns] + upper[best, columns]) / 2
