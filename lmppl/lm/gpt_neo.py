@@ -29,6 +29,7 @@ from lmppl.lm.layers import (
     empty_cache,
     linear_from_torch,
     next_cache,
+    run_blocks,
     token_positions,
 )
 
@@ -142,11 +143,7 @@ class GPTNeoNetwork(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.wte(tokens) + self.wpe(positions)
-        keys, values = [], []
-        for block, layer_keys, layer_values in zip(self.h, cache.keys, cache.values, strict=True):
-            x, layer_keys, layer_values = block(x, layer_keys, layer_values, positions)
-            keys.append(layer_keys)
-            values.append(layer_values)
+        x, keys, values = run_blocks(self.h, x, cache, positions)
         hidden = self.ln_f(x)
         output_embedding = self.wte if self.lm_head is None else self.lm_head
         return LMOutput(

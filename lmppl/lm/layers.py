@@ -41,6 +41,7 @@ __all__ = [
     "gelu_new",
     "linear_from_torch",
     "next_cache",
+    "run_blocks",
     "token_positions",
     "write_rows",
 ]
@@ -266,3 +267,18 @@ def next_cache(
     else:
         advance = jnp.asarray(token_counts).astype(jnp.int32)
     return KVCache(keys=tuple(keys), values=tuple(values), length=cache.length + advance)
+
+
+def run_blocks(
+    blocks, x: jax.Array, cache: KVCache, positions: jax.Array
+) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """Apply residual blocks in order, each ``block(x, keys, values, positions)``.
+
+    Returns the last hidden states and every layer's updated cache keys and values.
+    """
+    keys, values = [], []
+    for block, layer_keys, layer_values in zip(blocks, cache.keys, cache.values, strict=True):
+        x, layer_keys, layer_values = block(x, layer_keys, layer_values, positions)
+        keys.append(layer_keys)
+        values.append(layer_values)
+    return x, keys, values

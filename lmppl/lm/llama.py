@@ -31,6 +31,7 @@ from lmppl.lm.layers import (
     empty_cache,
     linear_from_torch,
     next_cache,
+    run_blocks,
     token_positions,
 )
 
@@ -145,13 +146,7 @@ class LlamaNetwork(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.embed_tokens(tokens)
-        keys, values = [], []
-        for layer, layer_keys, layer_values in zip(
-            self.layers, cache.keys, cache.values, strict=True
-        ):
-            x, layer_keys, layer_values = layer(x, layer_keys, layer_values, positions)
-            keys.append(layer_keys)
-            values.append(layer_values)
+        x, keys, values = run_blocks(self.layers, x, cache, positions)
         hidden = self.norm(x)
         output_embedding = self.embed_tokens if self.lm_head is None else self.lm_head
         return LMOutput(
