@@ -5,16 +5,18 @@ potential is a ``numpyro.factor`` or an observed site (:mod:`lmppl.potentials`);
 inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handlers.
 """
 
-from lmppl import diagnostics, evaluation, infer, plots, potentials, twists
+from lmppl import diagnostics, evaluation, infer, plots, potentials, scorers, twists
 from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, load, random_lm, table_lm
 from lmppl.prompt import concat
+from lmppl.task import Task, task_factory
 
 __all__ = [
     "LM",
     "Generation",
     "LanguageModel",
+    "Task",
     "ModelConfig",
     "concat",
     "diagnostics",
@@ -24,7 +26,9 @@ __all__ = [
     "load",
     "plots",
     "potentials",
+    "scorers",
     "random_lm",
     "table_lm",
+    "task_factory",
     "twists",
 ]
