@@ -5,7 +5,7 @@ potential is a ``numpyro.factor`` or an observed site (:mod:`lmppl.potentials`);
 inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handlers.
 """
 
-from lmppl import diagnostics, evaluation, infer, plots, potentials, scorers, twists
+from lmppl import diagnostics, evaluation, infer, plots, potentials, scorers, tnt, twists
 from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, load, random_lm, table_lm
@@ -30,5 +30,6 @@ __all__ = [
     "random_lm",
     "table_lm",
     "task_factory",
+    "tnt",
     "twists",
 ]
