@@ -10,6 +10,7 @@ from lmppl.distribution import LM
 from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, load, random_lm, table_lm
 from lmppl.prompt import concat
+from lmppl.realign import Realigned, realign
 from lmppl.task import Task, task_factory
 
 __all__ = [
@@ -27,7 +28,9 @@ __all__ = [
     "plots",
     "potentials",
     "scorers",
+    "Realigned",
     "random_lm",
+    "realign",
     "table_lm",
     "task_factory",
     "tnt",

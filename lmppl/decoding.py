@@ -4,6 +4,16 @@ The prompt is prefilled once (one row, or one row per distinct prompt) into a ca
 ``P + T`` positions and broadcast to the particle rows; each decoding step then feeds
 ``[N, 1]`` tokens against the ``[N, P + T, ...]`` cache. Everything here is a pure
 function of the model parameters, so it runs inside ``jax.jit``/``lax.scan``.
+
+Unnormalised models. A model with the attribute ``unnormalised_logits = True`` (e.g.
+``lmppl.realign(..., mode="global")``) returns logits that are per-token log-weights
+m_t(v) of a sequence-level target, ``p̃0(s_1:T) = Π_t exp m_t(s_t)``, rather than
+logits to be normalised per step. :func:`next_token_log_weights` is the one place that
+tells the two apart: ``log softmax(logits / temperature)`` for ordinary models (so their
+results are unchanged), the raw ``m_t`` for unnormalised ones (temperature must be 1).
+:func:`score_tokens` therefore returns ``log p̃0(s) = Σ_t m_t(s_t)``, while
+:func:`sample_tokens` still draws from the per-step law ``softmax(m_t)`` (a proposal
+for p̃0, whose weights the SMC sweep supplies).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ __all__ = [
     "DecodeState",
     "feed",
     "next_token_log_probs",
+    "next_token_log_weights",
     "prefill",
     "sample_tokens",
     "score_tokens",
@@ -43,6 +54,26 @@ class DecodeState(NamedTuple):
 def next_token_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
     """``log softmax(logits / temperature)`` in float32."""
     return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def _check_unnormalised_temperature(model: Any, temperature: float) -> None:
+    if getattr(model, "unnormalised_logits", False) and temperature != 1:
+        raise ValueError(
+            f"{model.name} has unnormalised sequence-level logits: temperature must be 1, "
+            f"got {temperature}"
+        )
+
+
+def next_token_log_weights(model: Any, logits: jax.Array, temperature: float) -> jax.Array:
+    """``log p0(v | s_<t)`` as the sequence target sees it (float32).
+
+    ``next_token_log_probs(logits, temperature)`` for ordinary models; the raw logits
+    (unnormalised per-token log-weights m_t) when ``model.unnormalised_logits`` is true.
+    """
+    if getattr(model, "unnormalised_logits", False):
+        _check_unnormalised_temperature(model, temperature)
+        return logits.astype(jnp.float32)
+    return next_token_log_probs(logits, temperature)
 
 
 def prefill(
@@ -102,11 +133,15 @@ def sample_tokens(
     """Ancestral sampling of ``num_rows`` continuations in one scan.
 
     ``temperature == 0`` is greedy decoding. With ``eos`` set, a row that emits EOS
-    is padded with EOS afterwards and its log-probability stops accumulating.
+    is padded with EOS afterwards and its log-probability stops accumulating. For an
+    unnormalised model the tokens follow the per-step law ``softmax(m_t)`` (temperature
+    1 or 0 only) and the log-probabilities are that law's.
 
     Returns:
       tokens ``[N, T]`` int32 and their log-probabilities ``[N]`` under the tempered model.
     """
+    if temperature != 0:
+        _check_unnormalised_temperature(model, temperature)
     state = prefill(model, params, prompt_tokens, prompt_length, num_rows, max_new_tokens)
 
     def step(carry, key):
@@ -145,7 +180,8 @@ def score_tokens(
     """Teacher-forced ``log p(values | prompt)`` for rows of ``values`` ``[M, T]``.
 
     With ``eos`` set, tokens after the first EOS must be EOS (padding, log-prob 0);
-    any other token there makes the sequence impossible (``-inf``).
+    any other token there makes the sequence impossible (``-inf``). For an unnormalised
+    model this is ``Σ_t m_t(s_t)`` (see the module docstring).
 
     Args:
       prompt_tokens: ``[P]`` shared or ``[M, P]`` per row; ``prompt_length`` ``[]``/``[M]``.
@@ -160,7 +196,7 @@ def score_tokens(
     logits = state.logits[:, None]
     if out is not None:
         logits = jnp.concatenate([logits, out.logits], axis=1)
-    log_probs = next_token_log_probs(logits, temperature)
+    log_probs = next_token_log_weights(model, logits, temperature)
     token_log_probs = jnp.take_along_axis(log_probs, values[..., None], axis=-1)[..., 0]
     if eos is None:
         return token_log_probs.sum(axis=-1)

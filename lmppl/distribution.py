@@ -11,6 +11,11 @@ other token after its first EOS has probability zero. With ``stop_at_eos=False``
 an ordinary token and every sequence has exactly ``T`` free tokens (the fixed-length
 generation of the paper's tasks).
 
+A model with ``unnormalised_logits = True`` (``lmppl.realign(..., mode="global")``)
+defines an unnormalised sequence target: ``log_prob`` is ``log p̃0(s) = Σ_t m_t(s_t)``
+with ``m_t`` its raw logits, ``sample`` draws from the per-step law ``softmax(m_t)``,
+and the inference backends weight those draws to p̃0 (see :mod:`lmppl.decoding`).
+
 It is an ordinary NumPyro distribution (a pytree whose leaves are the prompt arrays and
 the model parameters), so ``numpyro.sample("story", LM(...))`` works under ``seed``,
 ``trace``, ``substitute``, ``condition``, ``Predictive`` and ``log_density``; lmppl's
@@ -74,6 +79,11 @@ class LM(Distribution):
             raise ValueError(
                 f"temperature must be a positive number, got {temperature!r} "
                 "(for greedy decoding use lmppl.generate(..., temperature=0))"
+            )
+        if getattr(lm, "unnormalised_logits", False) and temperature != 1:
+            raise ValueError(
+                f"{lm.name} has unnormalised sequence-level logits: temperature must be 1, "
+                f"got {temperature}"
             )
         tokens, length = resolve_prompt(prompt, lm.tokenizer, lm.vocab_size)
         if tokens.shape[-1] + max_new_tokens > lm.context_length:

@@ -9,6 +9,8 @@ after EOS) are dropped. The enumeration also gives the optimal twists
     ψ*_t(s_1:t) = E_p0[φ(s) | s_1:t] = Σ_{s_t+1:T} σ̃(s) / p0(s_1:t),
 
 with which twisted SMC has zero-variance weights (log Ẑ = log Z on every run).
+For a model with unnormalised logits (:mod:`lmppl.decoding`) p0 is its unnormalised
+sequence weight ``Π_t exp m_t(s_t)`` and everything above holds as written.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import next_token_log_probs, prefill
+from lmppl.decoding import next_token_log_weights, prefill
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, ProgramStructure, discover, run_prefix, run_suffix
 from lmppl.infer.result import InferenceResult
@@ -46,7 +48,7 @@ def token_log_probs(
     if steps > 1:
         out = site.model.apply(params, sequences[:, :-1], state.cache)
         logits = jnp.concatenate([logits, out.logits], axis=1)
-    log_probs = next_token_log_probs(logits, site.temperature)
+    log_probs = next_token_log_weights(site.model, logits, site.temperature)
     per_token = jnp.take_along_axis(log_probs, sequences[..., None], axis=-1)[..., 0]
     if site.eos_token_id is None:
         return per_token

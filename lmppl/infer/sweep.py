@@ -20,6 +20,13 @@ never for importance sampling); the log-marginal estimate is
 
 over the resampling epochs, the last one closed by the final weights. Rows that emitted
 EOS are padded with EOS and carry weight 1 (and their twist value) from then on.
+
+A model with ``unnormalised_logits = True`` (see :mod:`lmppl.decoding`) has
+``p̃0(s) = Π_t exp m_t(s_t)`` with unnormalised per-token log-weights ``m_t = logits``;
+the same formulas hold with ``p0(v | s_<t)`` read as ``exp m_t(v)``, so even without
+twist or step potential the proposal is ``softmax(m_t)`` and the increment is
+``log Σ_v exp m_t(v)`` (never skipped as 0). E.g. global DeRa: ``m_t = (1−λ) log π_ref
++ λ log π_aligned`` and σ ∝ π_ref^(1−λ) π_aligned^λ φ exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import DecodeState, feed, next_token_log_probs, prefill
+from lmppl.decoding import DecodeState, feed, next_token_log_weights, prefill
 from lmppl.infer.program import (
     ProgramError,
     ProgramStructure,
@@ -177,6 +184,7 @@ def build_sweep(
     eos = site.eos_token_id
     resample = get_resampler(options.resampling)
     threshold = options.ess_threshold
+    unnormalised = bool(getattr(model, "unnormalised_logits", False))
 
     if options.conditional and structure.prefix_sites:
         raise ProgramError(
@@ -244,7 +252,7 @@ def build_sweep(
                     resampled, resample_branch, keep_branch, state, resample_key
                 )
 
-            log_p0 = next_token_log_probs(state.decode.logits, site.temperature)
+            log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
             proposal_logits = log_p0
             for log_potential in step_potentials:
                 step_log_weights = jax.vmap(log_potential, in_axes=(0, None))(state.tokens, t)
@@ -256,7 +264,7 @@ def build_sweep(
                 )
                 log_psi_all = twist_apply(twist_params, inputs).astype(jnp.float32)
                 proposal_logits = proposal_logits + log_psi_all
-            if proposal_logits is log_p0:
+            if proposal_logits is log_p0 and not unnormalised:
                 proposal = log_p0
                 increment = jnp.zeros((num,), jnp.float32)
             else:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import next_token_log_probs, prefill
+from lmppl.decoding import next_token_log_weights, prefill
 from lmppl.infer.twist import TwistInputs
 
 __all__ = ["BasePass", "Samples", "base_pass", "twist_sequence"]
@@ -117,7 +117,7 @@ def base_pass(
     else:
         is_eos = tokens == eos_token_id
         valid = jnp.cumsum(is_eos, axis=1) - is_eos == 0
-    log_p0 = next_token_log_probs(logits, temperature)
+    log_p0 = next_token_log_weights(model, logits, temperature)
     return BasePass(jax.lax.stop_gradient(log_p0), jax.lax.stop_gradient(hidden), valid)
 
 
