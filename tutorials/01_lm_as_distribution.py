@@ -36,18 +36,21 @@
 
 # %%
 import itertools
+import warnings
 
-import jax
-import jax.numpy as jnp
-import matplotlib.pyplot as plt
-import numpy as np
-import numpyro
-from jax.scipy.special import logsumexp
-from numpyro import handlers
-from numpyro.infer import Predictive
-from numpyro.infer.util import log_density
+warnings.filterwarnings("ignore", message="IProgress not found")  # a notebook-only tqdm notice
 
-import lmppl
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import numpyro  # noqa: E402
+from jax.scipy.special import logsumexp  # noqa: E402
+from numpyro import handlers  # noqa: E402
+from numpyro.infer import Predictive  # noqa: E402
+from numpyro.infer.util import log_density  # noqa: E402
+
+import lmppl  # noqa: E402
 
 # %% [markdown]
 # ## A tiny model, exactly
