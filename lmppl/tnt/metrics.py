@@ -87,7 +87,9 @@ class _References:
         for order in range(1, max_order + 1):
             table: Counter = Counter()
             for reference in references:
-                table |= _ngrams(list(reference), order)  # |: elementwise max
+                for gram, count in _ngrams(list(reference), order).items():
+                    if count > table[gram]:
+                        table[gram] = count
             self.max_counts.append(table)
 
     def closest_length(self, length: int) -> int:
