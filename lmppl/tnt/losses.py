@@ -44,13 +44,16 @@ from lmppl.tnt.batch import TNTBatch, sequence_log_probs
 from lmppl.tnt.target import log_p_new, smoothed_log_p_new
 
 __all__ = [
+    "ANNOTATED_TERMS",
     "LOSSES",
+    "OTHER_TERMS",
     "TNTLoss",
     "batch_loss",
     "forward_kl",
     "get_loss",
     "make_loss",
     "reverse_kl",
+    "term_weights",
     "token_terms",
 ]
 
@@ -110,38 +113,51 @@ def _pick(log_probs: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
 
 
+#: the per-token terms a loss mixes at annotated tokens and at the others. ``KL_F(p_new)``
+#: and ``KL_R(p̃_new)`` are ``KL_F(p_o)`` and ``KL_R(p_o)`` at unannotated positions
+#: (there ``p_new = p̃_new = p_o``), so one evaluation serves both columns of the table.
+ANNOTATED_TERMS = ("forward", "reverse", "nl", "ul")
+OTHER_TERMS = ("forward", "reverse", "nll")
+
+
+def term_weights(loss: str | TNTLoss) -> jax.Array:
+    """``[7]`` one-hot weights of a loss over ``ANNOTATED_TERMS + OTHER_TERMS``.
+
+    The training step takes them as an argument, so one compiled step serves every loss.
+    """
+    spec = get_loss(loss)
+    return jnp.asarray(
+        [float(spec.annotated == t) for t in ANNOTATED_TERMS]
+        + [float(spec.other == t) for t in OTHER_TERMS],
+        jnp.float32,
+    )
+
+
 def token_terms(
-    loss: str | TNTLoss,
+    loss: str | TNTLoss | jax.Array,
     new_log_probs: jax.Array,
     batch: TNTBatch,
     epsilon: float = 1e-6,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token terms ``(ℓ⁺, ℓ⁻)`` ``[B, T]``: the annotated and the other-token term,
-    both evaluated at every position (the mask selects later)."""
-    loss = get_loss(loss)
+    both evaluated at every position (the mask selects later). ``loss`` is a loss or its
+    :func:`term_weights`."""
+    weights = term_weights(loss) if isinstance(loss, str | TNTLoss) else jnp.asarray(loss)
     log_q = new_log_probs
     tokens, mask = batch.tokens, batch.mask
-    log_q_token = _pick(log_q, tokens)
-
-    def term(kind: str) -> jax.Array:
-        if kind == "forward":
-            return forward_kl(log_p_new(batch.old_log_probs, tokens, mask), log_q)
-        if kind == "reverse":
-            return reverse_kl(smoothed_log_p_new(batch.old_log_probs, tokens, mask, epsilon), log_q)
-        if kind == "nll":
-            return -log_q_token
-        if kind == "nl":
-            return log_q_token
-        if kind == "ul":
-            others = jnp.where(jnp.arange(log_q.shape[-1]) == tokens[..., None], -jnp.inf, log_q)
-            return -jax.nn.logsumexp(others, axis=-1)
-        raise ValueError(f"unknown per-token term {kind!r}")
-
-    return term(loss.annotated), term(loss.other)
+    nll = -_pick(log_q, tokens)
+    forward = forward_kl(log_p_new(batch.old_log_probs, tokens, mask), log_q)
+    reverse = reverse_kl(smoothed_log_p_new(batch.old_log_probs, tokens, mask, epsilon), log_q)
+    # −log(1 − q(x_t)) = −logsumexp_{v ≠ x_t} log q(v), stable when q(x_t) ≈ 1
+    others = jnp.where(jnp.arange(log_q.shape[-1]) == tokens[..., None], -jnp.inf, log_q)
+    unlikelihood = -jax.nn.logsumexp(others, axis=-1)
+    annotated = jnp.stack([forward, reverse, -nll, unlikelihood], axis=-1) @ weights[:4]
+    other = jnp.stack([forward, reverse, nll], axis=-1) @ weights[4:]
+    return annotated, other
 
 
 def batch_loss(
-    loss: str | TNTLoss,
+    loss: str | TNTLoss | jax.Array,
     new_log_probs: jax.Array,
     batch: TNTBatch,
     *,

@@ -33,7 +33,7 @@ from lmppl.lm.base import LanguageModel
 from lmppl.prompt import resolve_prompt
 from lmppl.tnt.annotations import Annotations, valid_mask
 from lmppl.tnt.batch import TNTBatch, old_log_probs, sequence_log_probs
-from lmppl.tnt.losses import TNTLoss, batch_loss, get_loss
+from lmppl.tnt.losses import TNTLoss, batch_loss, get_loss, term_weights
 from lmppl.tnt.params import with_params
 from lmppl.twists.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmppl.twists.training import TrainingDiverged
@@ -107,20 +107,20 @@ def _adam(learning_rate: float) -> optax.GradientTransformation:
 @functools.lru_cache(maxsize=32)
 def build_train_step(
     lm: LanguageModel,
-    loss: TNTLoss,
     optimizer: optax.GradientTransformation,
     batch_size: int,
     *,
     alpha: float,
     epsilon: float,
 ):
-    """The jitted ``step(params, opt_state, rng_key, dataset) -> (params, opt_state, metrics)``.
+    """The jitted ``step(params, opt_state, rng_key, dataset, loss_weights) -> (params,
+    opt_state, metrics)``; ``loss_weights`` are the loss's :func:`~lmppl.tnt.losses.term_weights`.
 
-    Cached per (model, loss, optimizer, batch size, α, ε): training the same model again
-    (other data, more steps, a resumed run) reuses the compiled step.
+    Cached per (model, optimizer, batch size, α, ε): every loss, other data, more steps
+    or a resumed run reuse the compiled step.
     """
 
-    def step(params, opt_state, rng_key, dataset: TNTBatch):
+    def step(params, opt_state, rng_key, dataset: TNTBatch, loss_weights):
         rows = dataset.tokens.shape[0]
         index = jax.random.choice(rng_key, rows, (batch_size,), replace=False)
         batch = jax.tree.map(lambda x: jnp.take(x, index, axis=0), dataset)
@@ -129,7 +129,7 @@ def build_train_step(
             log_q = sequence_log_probs(
                 lm, params, batch.prompt_tokens, batch.prompt_length, batch.tokens
             )
-            value = batch_loss(loss, log_q, batch, alpha=alpha, epsilon=epsilon)
+            value = batch_loss(loss_weights, log_q, batch, alpha=alpha, epsilon=epsilon)
             picked = jnp.take_along_axis(log_q, batch.tokens[..., None], axis=-1)[..., 0]
             count = batch.mask.sum()
             negative = jnp.where(
@@ -212,8 +212,9 @@ def train(
             f"batch_size must be between 1 and the {rows} generations, got {batch_size}"
         )
     optimizer = optimizer or _adam(float(learning_rate))
+    loss_weights = term_weights(spec)
     step_fn = build_train_step(
-        lm, spec, optimizer, batch_size, alpha=float(alpha), epsilon=float(epsilon)
+        lm, optimizer, batch_size, alpha=float(alpha), epsilon=float(epsilon)
     )
     params = jax.tree.map(jnp.array, lm.params)  # a copy: the old model stays frozen
     opt_state = optimizer.init(params)
@@ -239,7 +240,7 @@ def train(
     try:
         for k in range(start, num_steps):
             new_params, new_opt_state, metrics = step_fn(
-                params, opt_state, jax.random.fold_in(rng_key, k), dataset
+                params, opt_state, jax.random.fold_in(rng_key, k), dataset, loss_weights
             )
             metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
             bad = math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"])
