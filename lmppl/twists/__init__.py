@@ -4,16 +4,18 @@
   states), :class:`TransformerTwist` (a trainable copy of the base LM body with a head),
   :class:`TabularTwist` (one parameter per prefix, for enumerable targets);
 * losses (:mod:`lmppl.twists.losses`): ``ctl``, ``rl``, ``sixo``, ``fudge``, ``dpg``;
-* training: :func:`fit` ``-> (trained_twist, history)``; checkpoints with
-  :func:`save_twist` / :func:`load_twist`.
+* training: :func:`fit` ``-> (trained_twist, history)``; twist files with
+  :func:`save_twist` / :func:`load_twist` (they record the twist's class and options,
+  so ``load_twist(path, lm)`` rebuilds it; :mod:`lmppl.twists.io`).
 
 A trained twist is used as ``lmppl.infer.TwistedSMC(program, N, twists={"site": twist})``.
 """
 
 from lmppl.twists import losses
 from lmppl.twists.base import Twist
-from lmppl.twists.checkpoint import load_checkpoint, load_twist, save_checkpoint, save_twist
+from lmppl.twists.checkpoint import load_checkpoint, save_checkpoint
 from lmppl.twists.heads import LinearTwist, MLPTwist
+from lmppl.twists.io import build_twist, load_twist, read_twist_info, save_twist, twist_spec
 from lmppl.twists.losses import TwistLoss, ctl, dpg, fudge, rl, sixo
 from lmppl.twists.samples import Samples
 from lmppl.twists.tabular import TabularTwist
@@ -29,6 +31,7 @@ __all__ = [
     "TransformerTwist",
     "Twist",
     "TwistLoss",
+    "build_twist",
     "ctl",
     "dpg",
     "fit",
@@ -36,8 +39,10 @@ __all__ = [
     "load_checkpoint",
     "load_twist",
     "losses",
+    "read_twist_info",
     "rl",
     "save_checkpoint",
     "save_twist",
     "sixo",
+    "twist_spec",
 ]
