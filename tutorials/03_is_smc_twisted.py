@@ -133,11 +133,11 @@ print(
 
 # %%
 half = lmppl.infer.ExactTwist([0.5 * table for table in optimal.log_psi], tiny.vocab_size)
-samplers = {
-    "IS": lmppl.infer.ImportanceSampling(many_c, N),
-    "SMC": lmppl.infer.SMC(many_c, N),
+samplers = {  # the samplers built above keep their compiled sweeps
+    "IS": backends["ImportanceSampling"],
+    "SMC": backends["SMC"],
     "twisted, ψ*^½": lmppl.infer.TwistedSMC(many_c, N, twists={"s": half}),
-    "twisted, ψ*": lmppl.infer.TwistedSMC(many_c, N, twists={"s": optimal}),
+    "twisted, ψ*": twisted,
 }
 runs = {name: run_many(sampler, jax.random.key(1), RUNS) for name, sampler in samplers.items()}
 errors = {name: np.array([float(r.log_marginal) for r in rs]) - log_z for name, rs in runs.items()}
