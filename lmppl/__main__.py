@@ -24,7 +24,9 @@ from pathlib import Path
 import jax
 
 import lmppl
-from lmppl.cli import UsageError, _importable_paths, format_samples
+from lmppl.cli.errors import UsageError
+from lmppl.cli.output import format_samples
+from lmppl.cli.targets import _importable_paths
 
 __all__ = ["main"]
 

@@ -138,7 +138,7 @@ def test_target_forms_resolve_to_tasks(monkeypatch):
 
 def resolve_task_factory(name: str):
     """The factory a task name resolves to (without building it)."""
-    from lmppl import cli
+    from lmppl.cli import targets as cli
 
     tasks = cli._task_names()
     return tasks[name.replace("_", "-")]
@@ -146,7 +146,7 @@ def resolve_task_factory(name: str):
 
 def test_models_are_found_from_another_directory(monkeypatch, tmp_path):
     """Task names work outside the checkout: ``models`` is found beside ``lmppl``."""
-    from lmppl import cli
+    from lmppl.cli import targets as cli
 
     root = Path(lmppl.__file__).resolve().parent.parent
     assert cli.repo_root() == root

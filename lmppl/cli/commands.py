@@ -1,0 +1,227 @@
+"""The three subcommands: ``sample``, ``train-twist``, ``bounds``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmppl.cli.errors import UsageError
+from lmppl.cli.output import _key, _out_prefix, _print, _with_suffix, format_samples, write_result
+from lmppl.cli.targets import parse_options, resolve_target
+from lmppl.cli.twist_files import _condition_length, _twist_line, load_task_twist, make_backend
+
+__all__ = ["cmd_bounds", "cmd_sample", "cmd_train_twist"]
+
+
+def cmd_sample(options: argparse.Namespace) -> int:
+    from lmppl import infer
+
+    out = Path(options.out).expanduser() if options.out else None
+    if out is not None and out.suffix not in (".json", ".nc"):
+        raise UsageError(f"--out must end in .json or .nc, got {options.out}")
+    backend = options.backend or ("twisted" if options.twist else "smc")
+    if options.twist and backend != "twisted":
+        raise UsageError(f"--twist is used by --backend twisted, not {backend}")
+    if backend == "twisted" and not options.twist:
+        raise UsageError("--backend twisted needs --twist CHECKPOINT")
+    task = resolve_target(options.target, parse_options(options.set))
+    _print(f"task: {task.name} — {task.description or task.program.__name__}")
+    twist = None
+    if options.twist:
+        twist, info = load_task_twist(options.twist, task)
+        _print(_twist_line(info))
+
+    start = time.perf_counter()
+    if backend == "exact":
+        result = infer.Exact(task.program).run(_key(options.seed), *task.args, **task.kwargs)
+        seconds = time.perf_counter() - start
+        _print(
+            f"backend: Exact, {result.num_particles} sequences enumerated ({seconds:.1f}s)",
+            f"log Z = {float(result.log_marginal):.4f} (exact)",
+        )
+    else:
+        sampler = make_backend(backend, task, twist)(task.program, options.particles)
+        result = sampler.run(_key(options.seed), *task.args, **task.kwargs)
+        seconds = time.perf_counter() - start
+        _print(
+            f"backend: {result.backend}, {result.num_particles} particles, seed {options.seed} "
+            f"({seconds:.1f}s incl. compilation)",
+            f"log Ẑ = {float(result.log_marginal):.4f}   ESS = "
+            f"{result.effective_sample_size:.1f} of {result.num_particles}",
+        )
+    _print(*format_samples(result, options.show))
+    if out is not None:
+        header = {"task": task.name, "target": options.target, "seed": options.seed}
+        write_result(out, result, header)
+        _print(f"wrote {out}")
+    return 0
+
+
+def _history_csv(path: Path, history: dict[str, list]) -> None:
+    names = [name for name, values in history.items() if isinstance(values, list)]
+    rows = zip(*(history[name] for name in names), strict=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(names)
+        writer.writerows(rows)
+
+
+def _trend(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    width = max(1, min(10, len(values) // 5))
+    return f"{np.mean(values[:width]):.4g} → {np.mean(values[-width:]):.4g}"
+
+
+def cmd_train_twist(options: argparse.Namespace) -> int:
+    from lmppl import twists
+
+    for name in ("steps", "particles"):
+        if getattr(options, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer")
+    if not options.lr > 0:
+        raise UsageError("--lr must be positive")
+    task = resolve_target(options.target, parse_options(options.set))
+    _print(f"task: {task.name} — {task.description or task.program.__name__}")
+    output = "log_sigmoid" if options.method == "fudge" else "log"
+    head = {"output": output, "condition_length": _condition_length(task), "seed": options.seed}
+    if options.twist == "linear":
+        twist = twists.LinearTwist(task.lm, **head)
+    else:
+        twist = twists.MLPTwist(task.lm, options.hidden_size, **head)
+    _print(
+        f"training {type(twist).__name__} ({output}) with {options.method}: {options.steps} "
+        f"steps, {options.particles} particles, lr {options.lr}"
+    )
+    start = time.perf_counter()
+    trained, history = twists.fit(
+        task.program,
+        twist,
+        options.method,
+        num_steps=options.steps,
+        num_particles=options.particles,
+        learning_rate=options.lr,
+        rng_key=_key(options.seed),
+        args=task.args,
+        kwargs=task.kwargs,
+        twist_condition=task.twist_condition,
+        progress=sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - start
+    out = Path(options.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "task": task.name,
+        "target": options.target,
+        "options": parse_options(options.set),
+        "site": task.site,
+        "method": options.method,
+        "num_particles": options.particles,
+        "learning_rate": options.lr,
+        "seed": options.seed,
+    }
+    path = twists.save_twist(
+        out / "twist.npz",
+        trained,
+        lm=task.lm,
+        step=options.steps,
+        history=history,
+        metadata=json.loads(json.dumps(metadata, default=str)),
+    )
+    _history_csv(out / "history.csv", history)
+    _print(
+        f"trained in {seconds:.1f}s; first → last steps: loss {_trend(history['loss'])}, "
+        f"ESS/N {_trend(history['ess'])}, SIS log Ẑ {_trend(history['log_marginal'])}",
+        f"wrote {path} and {out / 'history.csv'}",
+        f"use it: lmppl sample {options.target} --twist {out}",
+    )
+    return 0
+
+
+def cmd_bounds(options: argparse.Namespace) -> int:
+    import jax
+
+    from lmppl import evaluation, infer, plots
+
+    if min(options.particles) < 1 or options.runs < 1:
+        raise UsageError("--particles and --runs must be positive integers")
+    num_exact = options.exact_samples or options.runs
+    if num_exact < 1:
+        raise UsageError("--exact-samples must be a positive integer")
+    methods = list(
+        dict.fromkeys(options.methods or (["smc", "twisted"] if options.twist else ["smc"]))
+    )
+    if "twisted" in methods and not options.twist:
+        raise UsageError("--methods twisted needs --twist CHECKPOINT")
+    task = resolve_target(options.target, parse_options(options.set), exact=options.exact)
+    if task.exact is None:
+        raise UsageError(
+            f"{options.target} has no exact sampler for the upper bounds; pass --exact "
+            "enumerate (tiny models) or --exact rejection (φ ≤ 1)"
+        )
+    prefix = _out_prefix(options.out)
+    _print(f"task: {task.name} — {task.description or task.program.__name__}")
+    twist = None
+    if options.twist:
+        twist, info = load_task_twist(options.twist, task)
+        _print(_twist_line(info))
+
+    sampler_key, bounds_key, exact_key = jax.random.split(_key(options.seed), 3)
+    args, kwargs = task.arguments_without_condition()
+    start = time.perf_counter()
+    log_z = None
+    if task.exact == "enumerate":  # one enumeration gives log Z and the exact samples
+        enumerated = infer.Exact(task.program).run(exact_key, *args, **kwargs)
+        log_z = float(enumerated.log_marginal)
+        index = jax.random.categorical(sampler_key, enumerated.log_weights, shape=(num_exact,))
+        tokens = np.asarray(enumerated.samples[enumerated.site])[np.asarray(index)]
+        exact = evaluation.ExactSamples(
+            tokens.astype(np.int32), enumerated.site, num_draws=num_exact
+        )
+    else:
+        extra = {"max_draws": options.max_draws} if task.exact == "rejection" else {}
+        exact = task.exact_samples(sampler_key, num_exact, **extra)
+    rate = f", acceptance rate {exact.acceptance_rate:.3g}" if task.exact == "rejection" else ""
+    _print(
+        f"exact samples: {exact.num_samples} by {task.exact} ({exact.num_draws} draws{rate}, "
+        f"{time.perf_counter() - start:.1f}s)"
+    )
+    labels = {"smc": "SMC", "is": "SIS", "twisted": "Twisted SMC"}
+    table = evaluation.BoundsTable([], log_z=log_z)
+    for index, method in enumerate(methods):
+        start = time.perf_counter()
+        table = table + evaluation.log_z_bounds(
+            task.program,
+            make_backend(method, task, twist),
+            exact,
+            options.particles,
+            options.runs,
+            jax.random.fold_in(bounds_key, index),
+            args=args,
+            kwargs=kwargs,
+            name=labels[method],
+            log_z=log_z,
+        )
+        _print(f"{labels[method]}: K = {options.particles} in {time.perf_counter() - start:.1f}s")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{task.name}: {options.runs} runs per K, {exact.num_samples} exact samples"
+    markdown = table.to_markdown()
+    _with_suffix(prefix, ".md").write_text(f"# log Z bounds — {title}\n\n{markdown}")
+    table.to_csv(_with_suffix(prefix, ".csv"))
+    figure = _with_suffix(prefix, ".png")
+    plots.plot_bounds(table, path=figure, title=title)
+    _print("", markdown.rstrip(), "")
+    _print(
+        f"figure: {figure}",
+        f"table: {_with_suffix(prefix, '.md')}, {_with_suffix(prefix, '.csv')}",
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- parser

@@ -1,0 +1,95 @@
+"""Printing and writing CLI results (samples with weights, JSON/netCDF files)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["format_samples", "write_result"]
+
+
+def _texts(result: Any, tokens: np.ndarray) -> list[str]:
+    if result.tokenizer is None:
+        return [" ".join(map(str, row)) for row in tokens.tolist()]
+    try:
+        return result.text()
+    except (ValueError, KeyError):
+        return [" ".join(map(str, row)) for row in tokens.tolist()]
+
+
+def format_samples(result: Any, show: int = 5) -> list[str]:
+    """Lines ``weight  ×copies  text`` for the ``show`` heaviest distinct sequences of
+    ``result``'s LM site (copies: particles holding that sequence after resampling)."""
+    tokens = np.asarray(result.samples[result.site])
+    weights = np.asarray(result.weights, np.float64)
+    texts = _texts(result, tokens)
+    merged: dict[bytes, list] = {}
+    for row, weight, text in zip(tokens, weights, texts, strict=True):
+        entry = merged.setdefault(row.tobytes(), [0.0, 0, text])
+        entry[0] += float(weight)
+        entry[1] += 1
+    ranked = sorted(merged.values(), key=lambda e: -e[0])
+    lines = [
+        f"top {min(show, len(ranked))} of {len(ranked)} distinct samples "
+        "(normalised weight, particles):"
+    ]
+    for weight, copies, text in ranked[:show]:
+        lines.append(f"  {weight:7.4f}  ×{copies:<4d} {text!r}")
+    return lines
+
+
+def _finite_or_none(values: Any) -> list:
+    return [float(v) if math.isfinite(float(v)) else None for v in np.ravel(values)]
+
+
+def write_result(path: Path, result: Any, header: dict[str, Any]) -> None:
+    """``.json``: the samples, texts and weights (``null`` = −∞); ``.nc``: ArviZ netCDF."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".nc":
+        idata = result.to_arviz()
+        idata.to_netcdf(str(path))
+        return
+    tokens = np.asarray(result.samples[result.site])
+    record = {
+        **header,
+        "site": result.site,
+        "backend": result.backend,
+        "model": result.model_name,
+        "num_particles": result.num_particles,
+        "log_marginal": _finite_or_none(result.log_marginal)[0],
+        "ess": result.effective_sample_size if result.ess is not None else None,
+        "samples": tokens.tolist(),
+        "text": _texts(result, tokens),
+        "log_weights": _finite_or_none(result.log_weights),
+        "weights": [float(w) for w in np.asarray(result.weights)],
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _out_prefix(text: str) -> Path:
+    prefix = Path(text).expanduser()
+    if prefix.suffix in (".png", ".csv", ".md"):
+        prefix = prefix.with_suffix("")
+    return prefix
+
+
+def _with_suffix(prefix: Path, suffix: str) -> Path:
+    return prefix.parent / (prefix.name + suffix)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _key(seed: int):
+    import jax
+
+    return jax.random.key(seed)
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
