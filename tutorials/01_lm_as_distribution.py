@@ -107,6 +107,18 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
+# The table model is not a toy of the interface: `lmppl.random_lm` builds a real tiny
+# transformer (Llama, GPT-2 or GPT-Neo, random weights, KV cache) over the same vocabulary,
+# and everything in these notebooks runs on it unchanged, e.g. the normalisation check:
+
+# %%
+llama = lmppl.random_lm("llama", symbols=3, seed=0)
+print(llama)
+print(
+    "log Σ_s p0(s) =", float(logsumexp(lmppl.LM(llama, "a", T, stop_at_eos=False).log_prob(every)))
+)
+
+# %% [markdown]
 # ## Prompts: text, token ids, batches, and `lmppl.concat`
 #
 # A text prompt is encoded with the model's own BOS convention; a list or array of token ids

@@ -181,9 +181,10 @@ for i in np.argsort(-np.asarray(exact.weights))[:6]:
 # 2. at an annotated position $t$, the per-token target is the old next-token law with the
 #    negative token removed, $p_{\text{new}}(v) \propto p_o(v)\,1[v \ne x_t]$ (`tnt.log_p_new`),
 #    and $p_{\text{new}} = p_o$ everywhere else;
-# 3. **train** a copy of the model towards $p_{\text{new}}$ with a per-token KL (TNFF: forward
-#    KL on both kinds of positions; TNRR, TNRF, TNFLL, TNRLL, and the baselines UL and NL are
-#    the other `loss=` choices).
+# 3. **train** a copy of the model towards $p_{\text{new}}$ with a per-token KL. TNFF uses the
+#    forward KL $\mathrm{KL}(p_{\text{new}} \| p_\theta)$ at annotated tokens (weighted by α) and
+#    $\mathrm{KL}(p_o \| p_\theta)$ at all others; TNRR, TNRF, TNFLL, TNRLL and the baselines UL
+#    (unlikelihood) and NL are the other `loss=` choices.
 
 # %%
 lm = lmppl.load("stories260k")
