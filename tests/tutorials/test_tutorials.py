@@ -5,7 +5,7 @@ Each notebook is converted with jupytext and run by nbclient with the current in
 (the venv's Python: jupyter_client starts kernel specs whose command is ``python`` with
 ``sys.executable``), with the tutorials folder as working directory. The notebooks are
 written at tiny sizes (the table model, random tiny transformers, stories260K), so each
-runs in 20-60 s on two CPU cores (all six: about 4 minutes; ``-m "not slow"``: under 3).
+runs in 20-60 s on two CPU cores (all six: about 3.5 minutes; ``-m "not slow"``: about 2).
 """
 
 from __future__ import annotations
