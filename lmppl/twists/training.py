@@ -10,6 +10,14 @@ One training step is one ``jax.jit``:
    place gradients flow);
 3. the loss of :mod:`lmppl.twists.losses`, its gradient, one optax update.
 
+Fresh program arguments per step (conditional targets such as infilling, where the
+twist must see many conditions): ``args_sampler(step_key)`` returns the step's arguments,
+either a tuple ``args`` or a :class:`StepArguments` ``(args, kwargs, targets)`` whose
+``targets`` ``[m, T]`` are exact samples of σ given those arguments (the positives of
+CTL / SIXO / DPG for that step, e.g. the latent half of a joint (sequence, condition)
+draw). The arrays must keep their shapes and dtypes (and the static arguments their
+values), so the jitted step is compiled once: they enter it as arguments.
+
 Metrics per step: ``loss``, ``ess`` (of the SIS batch's final weights, as a fraction of
 N), ``log_marginal`` (the SIS estimate log Ẑ with the current twist), ``grad_norm``.
 Checkpoints (``step_XXXXXXX.npz`` in ``checkpoint_dir``) are written every
@@ -25,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +47,29 @@ from lmppl.twists.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from lmppl.twists.losses import TwistLoss, get_loss
 from lmppl.twists.samples import Samples, base_pass, twist_sequence
 
-__all__ = ["TrainingDiverged", "build_train_step", "fit"]
+__all__ = ["StepArguments", "TrainingDiverged", "build_train_step", "fit"]
 
 METRICS = ("loss", "ess", "log_marginal", "grad_norm")
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradient became NaN (the message names the step)."""
+
+
+class StepArguments(NamedTuple):
+    """One training step's program arguments (what ``fit(args_sampler=...)`` may return).
+
+    Fields:
+      args: the program's positional arguments (same shapes and dtypes at every step).
+      kwargs: its keyword arguments (None: ``fit``'s own ``kwargs``).
+      targets: ``[m, T]`` int token ids, exact samples of σ for these arguments (e.g. the
+        sequence drawn jointly with an infilling condition), used as the positives of
+        CTL / SIXO / DPG instead of the reweighted SIS batch; None: no exact positives.
+    """
+
+    args: tuple
+    kwargs: dict | None = None
+    targets: Any = None
 
 
 def build_train_step(
@@ -62,7 +86,10 @@ def build_train_step(
     target_sampler: Callable[[jax.Array, int], jax.Array] | None = None,
 ):
     """``(step, model_params, arrays)``: the jitted ``step(params, opt_state, rng_key,
-    model_params, arrays) -> (params, opt_state, metrics)`` and its data arguments."""
+    model_params, arrays, targets=None) -> (params, opt_state, metrics)`` and its data
+    arguments. ``arrays`` are the program's array arguments (replace them with those of
+    other arguments of the same shapes: no recompilation); ``targets`` ``[m, T]`` are
+    exact σ samples for them (the positives; exclusive with ``target_sampler``)."""
     structure = discover(program, args, kwargs)
     if structure.step_potentials:
         raise ProgramError(
@@ -84,7 +111,7 @@ def build_train_step(
         structure, program, SweepOptions(num_particles=num_base, ess_threshold=None), None
     )
 
-    def step(params, opt_state, rng_key, model_params, arrays):
+    def step(params, opt_state, rng_key, model_params, arrays, targets=None):
         call_args, call_kwargs = rebuild(arrays)
         proposal_key, base_key, target_key, prefix_key = jax.random.split(rng_key, 4)
         frozen = jax.lax.stop_gradient(params)
@@ -106,8 +133,11 @@ def build_train_step(
             base = base_sweep(base_key, model_params, None, call_args, call_kwargs)
             zeros = jnp.zeros_like(base.log_weights)
             drawn["base"] = (base.tokens, base.log_potential, zeros, base.log_weight_history * 0)
-        if target_sampler is not None:
-            tokens = jnp.asarray(target_sampler(target_key, num_particles), jnp.int32)
+        if targets is not None or target_sampler is not None:
+            if targets is not None:
+                tokens = jnp.asarray(targets, jnp.int32)
+            else:
+                tokens = jnp.asarray(target_sampler(target_key, num_particles), jnp.int32)
             zeros = jnp.zeros((tokens.shape[0],), jnp.float32)
             drawn["target"] = (tokens, zeros, zeros, jnp.zeros(tokens.shape[::-1], jnp.float32))
         passes = {
@@ -177,6 +207,7 @@ def fit(
     num_base_particles: int | None = None,
     twist_condition: Callable[..., Any] | None = None,
     target_sampler: Callable[[jax.Array, int], jax.Array] | None = None,
+    args_sampler: Callable[[jax.Array], tuple | StepArguments] | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
@@ -202,6 +233,14 @@ def fit(
         ``TwistInputs.condition`` (conditional twists); pass the same to ``TwistedSMC``.
       target_sampler: ``f(rng_key, n) -> [n, T]`` exact samples of σ (jittable); used
         as the positives of CTL / SIXO / DPG instead of the reweighted SIS batch.
+      args_sampler: ``f(step_key) -> args`` or ``-> StepArguments(args, kwargs, targets)``:
+        fresh program arguments for every step (e.g. a new infilling condition), with the
+        shapes and dtypes of ``args`` / ``kwargs`` (which then serve to compile the step
+        only). ``StepArguments.targets`` ``[m, T]``, exact σ samples for those arguments,
+        are that step's positives (exclusive with ``target_sampler``); ``step_key`` is
+        ``fold_in(fold_in(rng_key, k), 1)``, so resumed runs see the same arguments.
+        One exact positive per step is unbiased but noisy: average several conditions per
+        update with ``optimizer=optax.MultiSteps(optax.adam(lr), every_k_schedule=C)``.
       checkpoint_dir: where to write ``step_*.npz`` checkpoints (None: none).
       checkpoint_every: steps between checkpoints.
       resume: continue from the latest checkpoint in ``checkpoint_dir``.
@@ -230,6 +269,41 @@ def fit(
         twist_condition=twist_condition,
         target_sampler=target_sampler,
     )
+    _, static_key, _ = split_arguments(args, kwargs)
+    target_rows: list[int] = []
+
+    def step_data(step_key: jax.Array, k: int) -> tuple[list, Any]:
+        """The step's array arguments and exact positives (None: the fixed ones)."""
+        if args_sampler is None:
+            return arrays, None
+        drawn = args_sampler(jax.random.fold_in(step_key, 1))
+        if not isinstance(drawn, StepArguments):
+            drawn = StepArguments(tuple(drawn))
+        step_arrays, step_static, _ = split_arguments(
+            tuple(drawn.args), kwargs if drawn.kwargs is None else dict(drawn.kwargs)
+        )
+        if step_static != static_key:
+            raise ValueError(
+                f"args_sampler returned arguments at step {k} whose structure, shapes, dtypes "
+                "or static values differ from args/kwargs given to fit (they must match, so "
+                "the training step compiles once)"
+            )
+        targets = drawn.targets
+        if targets is not None:
+            if target_sampler is not None:
+                raise ValueError("give exact positives by target_sampler or args_sampler, not both")
+            targets = jnp.asarray(targets, jnp.int32)
+            if targets.ndim != 2:
+                raise ValueError(f"StepArguments.targets must be [m, T], got {targets.shape}")
+            if not target_rows:
+                target_rows.append(targets.shape[0])
+            elif target_rows[0] != targets.shape[0]:
+                raise ValueError(
+                    f"StepArguments.targets has {targets.shape[0]} rows at step {k}, "
+                    f"{target_rows[0]} before (keep it fixed: no recompilation)"
+                )
+        return step_arrays, targets
+
     params = twist.params
     opt_state = optimizer.init(params)
     history: dict[str, list[float]] = {name: [] for name in ("step", *METRICS, "seconds")}
@@ -254,8 +328,10 @@ def fit(
     began = time.perf_counter()
     try:
         for k in range(start, num_steps):
+            step_key = jax.random.fold_in(rng_key, k)
+            step_arrays, targets = step_data(step_key, k)
             new_params, new_opt_state, metrics = step_fn(
-                params, opt_state, jax.random.fold_in(rng_key, k), model_params, arrays
+                params, opt_state, step_key, model_params, step_arrays, targets
             )
             metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
             if math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"]):

@@ -1,0 +1,109 @@
+"""Smoke runs of the recipes ``inference/learn_twists.py`` and ``inference/evaluate.py``.
+
+Tiny settings (a few steps, few particles, two K values) on stories260K: the outputs must
+exist, parse, and hold finite numbers; a learned twist must load back and run.
+"""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import lmppl
+from inference import evaluate, learn_twists
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_twist_directory(directory, method):
+    for name in ("twist.npz", "config.json", "history.json", "history.csv", "curves.png"):
+        assert (directory / name).is_file(), name
+    assert not (directory / "checkpoints").exists()
+    config = json.loads((directory / "config.json").read_text())
+    assert config["method"] == method
+    history = json.loads((directory / "history.json").read_text())
+    steps = config["micro_steps"]
+    assert history["step"] == list(range(1, steps + 1))
+    for name in ("loss", "ess", "log_marginal", "grad_norm"):
+        assert len(history[name]) == steps and np.all(np.isfinite(history[name])), name
+    rows = read_csv(directory / "history.csv")
+    assert len(rows) == steps and np.isfinite(float(rows[-1]["loss"]))
+    return config
+
+
+def check_evaluation(out, methods, ks):
+    report = (out / "report.md").read_text()
+    assert "python inference/evaluate.py" in report and "KL(q‖σ)" in report
+    assert (out / "bounds.png").stat().st_size > 0
+    kl = read_csv(out / "kl.csv")
+    assert [row["proposal"] for row in kl][0] == "p0 (no twist)" and len(kl) == 1 + len(methods)
+    for row in kl:
+        for name in ("kl_q_sigma", "kl_sigma_q", "kl_q_sigma_half_width", "kl_sigma_q_half_width"):
+            assert np.isfinite(float(row[name])), (row["proposal"], name)
+    bounds = read_csv(out / "bounds.csv")
+    assert {row["method"] for row in bounds} == {
+        "SIS (p0)",
+        "SMC (p0)",
+        *(evaluate.twisted_name(m) for m in methods),
+    }
+    for row in bounds:
+        assert np.isfinite(float(row["lower"])) and np.isfinite(float(row["upper"])), row
+    gaps = read_csv(out / "gaps.csv")
+    assert [int(row["K"]) for row in gaps] == ks
+
+
+NO_CACHE = ["--compilation-cache", ""]  # keep JAX's global config untouched in the test process
+
+
+@pytest.mark.slow
+def test_learn_twists_and_evaluate_on_small_infilling(tmp_path):
+    """Conditional target: new endings every step (exact positives), then bounds and KL."""
+    twists = tmp_path / "twists"
+    learn_twists.main(
+        ["--task", "infilling-small", "--twist", "linear", "--particles", "8", "--method", "ctl"]
+        + ["--steps", "2", "--conditions-per-step", "2", "--train-conditions", "16"]
+        + ["--out", str(twists), *NO_CACHE]
+    )
+    directory = twists / "infilling_T2_c1" / "ctl_linear"
+    config = check_twist_directory(directory, "ctl")
+    assert config["micro_steps"] == 4 and config["conditions_per_step"] == 2
+    assert config["positives"] == "exact" and "--method ctl" in config["command"]
+    twist, _ = learn_twists.load_learned_twist(directory)
+    task = learn_twists.build_task("infilling-small")
+    result = lmppl.infer.TwistedSMC(
+        task.program, 8, twists={task.site: twist}, twist_condition=task.twist_condition
+    ).run(jax.random.key(0), *task.args)
+    assert np.isfinite(float(result.log_marginal))
+
+    out = tmp_path / "evaluation"
+    evaluate.main(
+        ["--task", "infilling-small", "--twists", str(twists), "--methods", "ctl"]
+        + ["--twist", "linear", "--particles", "2", "--runs", "2", "--conditions", "3"]
+        + ["--seeds", "2", "--kl-samples", "4", "--no-train", "--out", str(out), *NO_CACHE]
+    )
+    check_evaluation(out, ["ctl"], [2])
+    per_ending = read_csv(out / "bounds_by_condition.csv")
+    assert len(per_ending) >= 3 and all(np.isfinite(float(r["gap"])) for r in per_ending)
+
+
+@pytest.mark.slow
+def test_evaluate_trains_missing_twists_on_a_classifier_target(tmp_path):
+    """Rejection-sampled target (profanity classifier, 4 tokens); FUDGE's twist (a
+    probability, log-sigmoid output) is trained inline."""
+    twists = tmp_path / "twists"
+    out = tmp_path / "evaluation"
+    evaluate.main(
+        ["--task", "toxicity-classifier", "--task-option", "num_tokens=4", "--methods", "fudge"]
+        + ["--twist", "linear", "--twists", str(twists), "--steps", "2"]
+        + ["--train-particles", "8", "--particles", "2", "--runs", "2", "--exact-samples", "10"]
+        + ["--seeds", "2", "--kl-samples", "4", "--out", str(out), *NO_CACHE]
+    )
+    config = check_twist_directory(twists / "toxicity_classifier" / "fudge_linear", "fudge")
+    assert config["task_options"] == {"num_tokens": 4} and config["steps"] == 2
+    check_evaluation(out, ["fudge"], [2])
+    assert "toxicity-classifier --task-option num_tokens=4" in (out / "report.md").read_text()
