@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,8 +33,7 @@ from lmppl.tnt.annotations import Annotations, valid_mask
 from lmppl.tnt.batch import TNTBatch, old_log_probs, sequence_log_probs
 from lmppl.tnt.losses import TNTLoss, batch_loss, get_loss, term_weights
 from lmppl.tnt.params import with_params
-from lmppl.twists.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmppl.twists.training import TrainingDiverged
+from lmppl.twists.loop import run_training
 
 __all__ = ["METRICS", "build_dataset", "build_train_step", "train"]
 
@@ -216,57 +213,37 @@ def train(
     step_fn = build_train_step(
         lm, optimizer, batch_size, alpha=float(alpha), epsilon=float(epsilon)
     )
-    params = jax.tree.map(jnp.array, lm.params)  # a copy: the old model stays frozen
-    opt_state = optimizer.init(params)
-    history: dict[str, list[float]] = {name: [] for name in ("step", *METRICS, "seconds")}
-    start = 0
-    if checkpoint_dir is not None and resume:
-        found = latest_checkpoint(checkpoint_dir)
-        if found is not None:
-            params, loaded_state, start, history = load_checkpoint(found, params, opt_state)
-            opt_state = loaded_state if loaded_state is not None else opt_state
 
-    def checkpoint(step, params, opt_state):
-        if checkpoint_dir is not None:
-            path = Path(checkpoint_dir) / f"step_{step:07d}.npz"
-            save_checkpoint(path, params, opt_state, step, history)
+    def step(k, params, opt_state):
+        return step_fn(params, opt_state, jax.random.fold_in(rng_key, k), dataset, loss_weights)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, initial=start, desc=f"tnt/{spec.name}", leave=False)
-    began = time.perf_counter()
-    try:
-        for k in range(start, num_steps):
-            new_params, new_opt_state, metrics = step_fn(
-                params, opt_state, jax.random.fold_in(rng_key, k), dataset, loss_weights
+    def diverged(k, metrics):
+        bad = math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"])
+        if bad or not metrics["finite"]:
+            return (
+                f"TNT training ({spec.name}) diverged at step {k}: loss={metrics['loss']}, "
+                f"grad_norm={metrics['grad_norm']}, updated parameters "
+                f"{'finite' if metrics['finite'] else 'not finite'}; lower the learning "
+                "rate or alpha"
             )
-            metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
-            bad = math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"])
-            if bad or not metrics["finite"]:
-                checkpoint(k, params, opt_state)
-                raise TrainingDiverged(
-                    f"TNT training ({spec.name}) diverged at step {k}: loss={metrics['loss']}, "
-                    f"grad_norm={metrics['grad_norm']}, updated parameters "
-                    f"{'finite' if metrics['finite'] else 'not finite'}; lower the learning "
-                    "rate or alpha"
-                )
-            params, opt_state = new_params, new_opt_state
-            history["step"].append(k + 1)
-            for name in METRICS:
-                history[name].append(metrics[name])
-            history["seconds"].append(time.perf_counter() - began)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4g}", neg_logq=f"{metrics['negative_log_prob']:.3g}"
-                )
-            if checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < num_steps:
-                checkpoint(k + 1, params, opt_state)
-    finally:
-        if bar is not None:
-            bar.close()
-    if num_steps > start:
-        checkpoint(num_steps, params, opt_state)
+        return None
+
+    params = jax.tree.map(jnp.array, lm.params)  # a copy: the old model stays frozen
+    params, history = run_training(
+        step,
+        params,
+        optimizer.init(params),
+        num_steps=num_steps,
+        metric_names=METRICS,
+        diverged=diverged,
+        postfix=lambda m: {
+            "loss": f"{m['loss']:.4g}",
+            "neg_logq": f"{m['negative_log_prob']:.3g}",
+        },
+        description=f"tnt/{spec.name}",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=progress,
+    )
     return with_params(lm, params, f"{lm.name}+tnt-{spec.name}"), history

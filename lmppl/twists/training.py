@@ -31,7 +31,6 @@ checkpointed first when ``checkpoint_dir`` is set).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,17 +42,13 @@ from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, discover, run_prefix
 from lmppl.infer.resampling import effective_sample_size
 from lmppl.infer.sweep import SweepOptions, build_sweep
-from lmppl.twists.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmppl.twists.loop import TrainingDiverged, run_training
 from lmppl.twists.losses import TwistLoss, get_loss
 from lmppl.twists.samples import Samples, base_pass, twist_sequence
 
 __all__ = ["StepArguments", "TrainingDiverged", "build_train_step", "fit"]
 
 METRICS = ("loss", "ess", "log_marginal", "grad_norm")
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss or the gradient became NaN (the message names the step)."""
 
 
 class StepArguments(NamedTuple):
@@ -186,12 +181,6 @@ def build_train_step(
     return jax.jit(step), model_params, arrays
 
 
-def _checkpoint_path(directory, step: int):
-    from pathlib import Path
-
-    return Path(directory) / f"step_{step:07d}.npz"
-
-
 def fit(
     program: Callable,
     twist: Any,
@@ -304,60 +293,36 @@ def fit(
                 )
         return step_arrays, targets
 
-    params = twist.params
-    opt_state = optimizer.init(params)
-    history: dict[str, list[float]] = {name: [] for name in ("step", *METRICS, "seconds")}
-    start = 0
-    if checkpoint_dir is not None and resume:
-        found = latest_checkpoint(checkpoint_dir)
-        if found is not None:
-            params, loaded_state, start, history = load_checkpoint(found, params, opt_state)
-            opt_state = loaded_state if loaded_state is not None else opt_state
+    def step(k, params, opt_state):
+        step_key = jax.random.fold_in(rng_key, k)
+        step_arrays, targets = step_data(step_key, k)
+        return step_fn(params, opt_state, step_key, model_params, step_arrays, targets)
 
-    def checkpoint(step, params, opt_state):
-        if checkpoint_dir is not None:
-            save_checkpoint(
-                _checkpoint_path(checkpoint_dir, step), params, opt_state, step, history
+    def diverged(k, metrics):
+        if math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"]):
+            return (
+                f"twist training ({loss.name}) diverged at step {k}: loss={metrics['loss']}, "
+                f"grad_norm={metrics['grad_norm']} (NaN); lower the learning rate, or check "
+                "that the potentials are finite"
             )
+        return None
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, initial=start, desc=f"twist/{loss.name}", leave=False)
-    began = time.perf_counter()
-    try:
-        for k in range(start, num_steps):
-            step_key = jax.random.fold_in(rng_key, k)
-            step_arrays, targets = step_data(step_key, k)
-            new_params, new_opt_state, metrics = step_fn(
-                params, opt_state, step_key, model_params, step_arrays, targets
-            )
-            metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
-            if math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"]):
-                checkpoint(k, params, opt_state)
-                raise TrainingDiverged(
-                    f"twist training ({loss.name}) diverged at step {k}: loss={metrics['loss']}, "
-                    f"grad_norm={metrics['grad_norm']} (NaN); lower the learning rate, or check "
-                    "that the potentials are finite"
-                )
-            params, opt_state = new_params, new_opt_state
-            history["step"].append(k + 1)
-            for name in METRICS:
-                history[name].append(metrics[name])
-            history["seconds"].append(time.perf_counter() - began)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4g}",
-                    ess=f"{metrics['ess']:.3f}",
-                    log_z=f"{metrics['log_marginal']:.4g}",
-                )
-            if checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < num_steps:
-                checkpoint(k + 1, params, opt_state)
-    finally:
-        if bar is not None:
-            bar.close()
-    if num_steps > start:
-        checkpoint(num_steps, params, opt_state)
+    params, history = run_training(
+        step,
+        twist.params,
+        optimizer.init(twist.params),
+        num_steps=num_steps,
+        metric_names=METRICS,
+        diverged=diverged,
+        postfix=lambda m: {
+            "loss": f"{m['loss']:.4g}",
+            "ess": f"{m['ess']:.3f}",
+            "log_z": f"{m['log_marginal']:.4g}",
+        },
+        description=f"twist/{loss.name}",
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=progress,
+    )
     return twist.with_params(params), history
