@@ -229,7 +229,7 @@ def train(
         return None
 
     params = jax.tree.map(jnp.array, lm.params)  # a copy: the old model stays frozen
-    params, history = run_training(
+    params, history, _ = run_training(
         step,
         params,
         optimizer.init(params),

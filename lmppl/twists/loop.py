@@ -5,24 +5,39 @@ history, resumes from the latest ``step_XXXXXXX.npz`` checkpoint, writes checkpo
 ``checkpoint_every`` steps and at the end, shows a tqdm bar, and stops with
 :class:`TrainingDiverged` (after checkpointing the last good parameters) when
 ``diverged(k, metrics)`` returns a message.
+
+With ``evaluate(step, params) -> {name: value}`` and ``eval_every``, the loop also
+evaluates the parameters every ``eval_every`` steps and after the last one, records the
+values in the history (NaN at the other steps, so every column has one entry per step)
+and keeps the best evaluated parameters: the smallest ``score`` (see :func:`run_training`)
+in memory and, with a ``checkpoint_dir``, as ``best.npz``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from lmppl.twists.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-__all__ = ["TrainingDiverged", "checkpoint_path", "run_training"]
+__all__ = ["Best", "TrainingDiverged", "checkpoint_path", "run_training"]
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradient became NaN (the message names the step)."""
+
+
+class Best(NamedTuple):
+    """The best evaluated parameters: after ``step`` steps, with their evaluation."""
+
+    step: int
+    params: Any
+    evaluation: dict[str, float]
 
 
 def checkpoint_path(directory: Any, step: int) -> Path:
@@ -44,12 +59,21 @@ def run_training(
     checkpoint_every: int = 100,
     resume: bool = True,
     progress: bool = True,
-) -> tuple[Any, dict[str, list[float]]]:
-    """Run steps ``start .. num_steps − 1`` and return ``(params, history)``.
+    evaluate: Callable[[int, Any], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    eval_names: Sequence[str] = (),
+    score: Callable[[dict[str, float]], float] | None = None,
+) -> tuple[Any, dict[str, list[float]], Best | None]:
+    """Run steps ``start .. num_steps − 1`` and return ``(params, history, best)``.
 
-    ``history`` has ``"step"``, every name of ``metric_names`` and ``"seconds"``.
+    ``history`` has ``"step"``, every name of ``metric_names``, ``"seconds"`` and, with
+    ``evaluate``, every name of ``eval_names`` (NaN where not evaluated). ``best`` is the
+    evaluated parameters with the smallest finite ``score(evaluation)`` (None without
+    ``evaluate``, or when no score was finite); ``postfix`` sees the latest evaluation
+    merged into the step's metrics.
     """
-    history: dict[str, list[float]] = {name: [] for name in ("step", *metric_names, "seconds")}
+    names = ("step", *metric_names, "seconds", *(eval_names if evaluate else ()))
+    history: dict[str, list[float]] = {name: [] for name in names}
     start = 0
     if checkpoint_dir is not None and resume:
         found = latest_checkpoint(checkpoint_dir)
@@ -60,6 +84,24 @@ def run_training(
     def checkpoint(k, params, opt_state):
         if checkpoint_dir is not None:
             save_checkpoint(checkpoint_path(checkpoint_dir, k), params, opt_state, k, history)
+
+    best: Best | None = None
+    latest: dict[str, float] = {}
+
+    def evaluate_now(k: int, params: Any) -> None:
+        nonlocal best, latest
+        due = evaluate is not None and (k == num_steps or (eval_every and k % eval_every == 0))
+        values = evaluate(k, params) if due else {}
+        for name in eval_names if evaluate else ():
+            history[name].append(float(values.get(name, math.nan)))
+        if not values:
+            return
+        latest = values
+        value = score(values) if score is not None else math.nan
+        if math.isfinite(value) and (best is None or value < score(best.evaluation)):
+            best = Best(k, params, dict(values))
+            if checkpoint_dir is not None:
+                save_checkpoint(Path(checkpoint_dir) / "best.npz", params, None, k, history)
 
     bar = None
     if progress:
@@ -80,9 +122,10 @@ def run_training(
             for name in metric_names:
                 history[name].append(metrics[name])
             history["seconds"].append(time.perf_counter() - began)
+            evaluate_now(k + 1, params)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(**postfix(metrics))
+                bar.set_postfix(**postfix({**metrics, **latest}))
             if checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < num_steps:
                 checkpoint(k + 1, params, opt_state)
     finally:
@@ -90,4 +133,4 @@ def run_training(
             bar.close()
     if num_steps > start:
         checkpoint(num_steps, params, opt_state)
-    return params, history
+    return params, history, best

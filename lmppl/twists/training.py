@@ -31,6 +31,7 @@ checkpointed first when ``checkpoint_dir`` is set).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,11 +45,29 @@ from lmppl.infer.resampling import effective_sample_size
 from lmppl.infer.sweep import SweepOptions, build_sweep
 from lmppl.twists.loop import TrainingDiverged, run_training
 from lmppl.twists.losses import TwistLoss, get_loss
+from lmppl.twists.mixture import defensive_mixture
+from lmppl.twists.monitor import BoundsMonitor, TwistGapWarning
 from lmppl.twists.samples import Samples, base_pass, twist_sequence
 
-__all__ = ["StepArguments", "TrainingDiverged", "build_train_step", "fit"]
+__all__ = [
+    "BATCHES",
+    "StepArguments",
+    "TrainingDiverged",
+    "TwistGapWarning",
+    "build_train_step",
+    "fit",
+]
 
 METRICS = ("loss", "ess", "log_marginal", "grad_norm")
+
+#: Training batches: ``"mixture"`` pools the SIS batch of the twisted proposal with p0
+#: rollouts (balance-heuristic weights, :mod:`lmppl.twists.mixture`); ``"proposal"`` is
+#: the SIS batch alone (the paper's recipe, which can drop modes of σ).
+BATCHES = ("mixture", "proposal")
+#: The losses whose σ / π_t expectations use the (pooled) importance-weighted batch.
+MIXTURE_LOSSES = ("ctl", "sixo", "dpg")
+#: What ``fit(eval_every=...)`` records (as ``bound_<name>``).
+BOUND_NAMES = ("lower", "lower_error", "upper", "upper_error", "gap")
 
 
 class StepArguments(NamedTuple):
@@ -79,6 +98,7 @@ def build_train_step(
     num_base_particles: int | None = None,
     twist_condition: Callable[..., Any] | None = None,
     target_sampler: Callable[[jax.Array, int], jax.Array] | None = None,
+    batch: str = "mixture",
 ):
     """``(step, model_params, arrays)``: the jitted ``step(params, opt_state, rng_key,
     model_params, arrays, targets=None) -> (params, opt_state, metrics)`` and its data
@@ -95,6 +115,10 @@ def build_train_step(
     site = structure.lm_site
     model = site.model
     num_base = num_base_particles or num_particles
+    if batch not in BATCHES:
+        raise ValueError(f"batch must be one of {BATCHES}, got {batch!r}")
+    mixture = batch == "mixture" and loss.name in MIXTURE_LOSSES
+    needs_base = "base" in loss.needs or mixture
     proposal_sweep = build_sweep(
         structure,
         program,
@@ -124,7 +148,7 @@ def build_train_step(
             proposal.log_weights,
             proposal.log_weight_history,
         )
-        if "base" in loss.needs:
+        if needs_base:
             base = base_sweep(base_key, model_params, None, call_args, call_kwargs)
             zeros = jnp.zeros_like(base.log_weights)
             drawn["base"] = (base.tokens, base.log_potential, zeros, base.log_weight_history * 0)
@@ -163,6 +187,8 @@ def build_train_step(
                     passes[kind].valid,
                     log_psi,
                 )
+            if mixture:
+                samples["proposal"] = defensive_mixture(samples["proposal"], samples["base"])
             return loss.loss(samples)
 
         (value, extra), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -197,6 +223,12 @@ def fit(
     twist_condition: Callable[..., Any] | None = None,
     target_sampler: Callable[[jax.Array, int], jax.Array] | None = None,
     args_sampler: Callable[[jax.Array], tuple | StepArguments] | None = None,
+    batch: str = "mixture",
+    eval_every: int | None = None,
+    exact_samples: Any = None,
+    eval_particles: int = 256,
+    eval_runs: int = 8,
+    gap_tolerance: float = 0.2,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
@@ -230,14 +262,38 @@ def fit(
         ``fold_in(fold_in(rng_key, k), 1)``, so resumed runs see the same arguments.
         One exact positive per step is unbiased but noisy: average several conditions per
         update with ``optimizer=optax.MultiSteps(optax.adam(lr), every_k_schedule=C)``.
-      checkpoint_dir: where to write ``step_*.npz`` checkpoints (None: none).
+      batch: the importance-weighted batch behind the σ and π_t expectations of CTL,
+        SIXO and DPG (when no exact positives are given): ``"mixture"`` (default) pools
+        the SIS batch of the twisted proposal with ``num_base_particles`` p0 rollouts and
+        weights both by the balance heuristic (:mod:`lmppl.twists.mixture`), so modes of
+        σ that the proposal misses are still seen through p0; ``"proposal"`` is the SIS
+        batch alone (the paper's recipe; it can drop modes of σ and then return a twist
+        whose log Ẑ is precise and wrong).
+      eval_every: evaluate the twist every ``eval_every`` steps and after the last one:
+        the twisted-SMC lower bound on log Z at K = ``eval_particles`` and, with
+        ``exact_samples``, the conditional-SMC upper bound (``eval_runs`` runs each;
+        :class:`~lmppl.twists.monitor.BoundsMonitor`). The history gets ``bound_lower``,
+        ``bound_upper`` and ``bound_gap`` (NaN at steps not evaluated) and
+        ``best_step``, and ``fit`` returns the **best evaluated** parameters: the
+        smallest gap (with exact samples), else the highest lower bound. None: no
+        evaluation, the last parameters are returned.
+      exact_samples: ``[M, T]`` exact samples of σ for ``args`` / ``kwargs`` (e.g.
+        ``lmppl.evaluation.rejection_sample(...)``) for the upper bound.
+      eval_particles, eval_runs: K and the number of runs of each evaluation.
+      gap_tolerance: warn (:class:`~lmppl.twists.monitor.TwistGapWarning`) when the best
+        evaluated gap is larger than this (nats): the twist's estimates of log Z (and its
+        samples) cannot be trusted.
+      checkpoint_dir: where to write ``step_*.npz`` checkpoints (None: none) and, with
+        ``eval_every``, ``best.npz``.
       checkpoint_every: steps between checkpoints.
       resume: continue from the latest checkpoint in ``checkpoint_dir``.
       progress: show a tqdm bar with loss, ESS and log Ẑ.
 
     Returns:
-      ``(trained_twist, history)``: a copy of ``twist`` with the trained parameters, and
-      ``{"step", "loss", "ess", "log_marginal", "grad_norm", "seconds"}`` lists.
+      ``(trained_twist, history)``: a copy of ``twist`` with the trained (or, with
+      ``eval_every``, the best evaluated) parameters, and ``{"step", "loss", "ess",
+      "log_marginal", "grad_norm", "seconds"}`` lists (one entry per step), plus
+      ``bound_*`` lists and the int ``best_step`` with ``eval_every``.
     """
     kwargs = dict(kwargs or {})
     loss = get_loss(method)
@@ -257,6 +313,7 @@ def fit(
         num_base_particles=num_base_particles,
         twist_condition=twist_condition,
         target_sampler=target_sampler,
+        batch=batch,
     )
     _, static_key, _ = split_arguments(args, kwargs)
     target_rows: list[int] = []
@@ -307,22 +364,77 @@ def fit(
             )
         return None
 
-    params, history = run_training(
+    evaluate = None
+    if eval_every is not None:
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise ValueError(f"eval_every must be a positive integer or None, got {eval_every!r}")
+        site_name = discover(program, args, kwargs).lm_site.name
+        monitor = BoundsMonitor(
+            program,
+            site_name,
+            args=args,
+            kwargs=kwargs,
+            exact_samples=exact_samples,
+            num_particles=eval_particles,
+            num_runs=eval_runs,
+            twist_condition=twist_condition,
+        )
+        eval_key = jax.random.fold_in(rng_key, 2**31 - 1)  # apart from the step keys
+
+        def evaluate(k, params):
+            values = monitor(twist.with_params(params), jax.random.fold_in(eval_key, k))
+            return {f"bound_{name}": value for name, value in values.items()}
+
+    elif exact_samples is not None:
+        raise ValueError("exact_samples are used by the evaluation: pass eval_every too")
+
+    def score(values):
+        gap = values["bound_gap"]
+        return abs(gap) if math.isfinite(gap) else -values["bound_lower"]
+
+    def postfix(m):
+        shown = {
+            "loss": f"{m['loss']:.4g}",
+            "ess": f"{m['ess']:.3f}",
+            "log_z": f"{m['log_marginal']:.4g}",
+        }
+        if "bound_lower" in m:
+            shown["lower"] = f"{m['bound_lower']:.3f}"
+            if math.isfinite(m["bound_gap"]):
+                shown["gap"] = f"{m['bound_gap']:.3f}"
+        return shown
+
+    params, history, best = run_training(
         step,
         twist.params,
         optimizer.init(twist.params),
         num_steps=num_steps,
         metric_names=METRICS,
         diverged=diverged,
-        postfix=lambda m: {
-            "loss": f"{m['loss']:.4g}",
-            "ess": f"{m['ess']:.3f}",
-            "log_z": f"{m['log_marginal']:.4g}",
-        },
+        postfix=postfix,
         description=f"twist/{loss.name}",
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         resume=resume,
         progress=progress,
+        evaluate=evaluate,
+        eval_every=eval_every,
+        eval_names=tuple(f"bound_{n}" for n in BOUND_NAMES),
+        score=score,
     )
+    if best is not None:
+        params = best.params
+        history["best_step"] = best.step
+        gap = best.evaluation["bound_gap"]
+        if math.isfinite(gap) and abs(gap) > gap_tolerance:
+            warnings.warn(
+                f"the trained twist's bounds on log Z stay {gap:.3g} nats apart at K="
+                f"{eval_particles} (lower {best.evaluation['bound_lower']:.4g}, upper "
+                f"{best.evaluation['bound_upper']:.4g}, best of the evaluations, step "
+                f"{best.step}): twisted SMC with it is biased for this target (a mode of σ "
+                "is likely missed). Train longer, use batch='mixture' or exact positives, "
+                "or use more particles.",
+                TwistGapWarning,
+                stacklevel=2,
+            )
     return twist.with_params(params), history
