@@ -4,10 +4,13 @@
   (infilling) and enumeration samplers of σ.
 * :mod:`~lmppl.evaluation.bounds` — ``log_z_bounds``: lower (SMC / SIS) and upper
   (conditional SMC) bounds per K with 95% intervals.
+* :mod:`~lmppl.evaluation.diagnose` — ``diagnose``: bounds, gap, ESS and a plain-language
+  verdict on whether a sampler's answer can be trusted.
 * :mod:`~lmppl.evaluation.kl` — ``KL(q‖σ)`` and ``KL(σ‖q)`` (Zhao et al. 2024, Eq. 23).
 """
 
 from lmppl.evaluation.bounds import BoundsRow, BoundsTable, group_by_condition, log_z_bounds
+from lmppl.evaluation.diagnose import Diagnosis, diagnose
 from lmppl.evaluation.intervals import Interval, mean_interval
 from lmppl.evaluation.kl import KLEstimates, kl_estimates
 from lmppl.evaluation.samplers import (
@@ -21,10 +24,12 @@ from lmppl.evaluation.samplers import (
 __all__ = [
     "BoundsRow",
     "BoundsTable",
+    "Diagnosis",
     "ExactSamples",
     "Interval",
     "KLEstimates",
     "RejectionBudgetExhausted",
+    "diagnose",
     "enumeration_sample",
     "group_by_condition",
     "joint_sample",
