@@ -20,10 +20,10 @@ from lmppl.twists.checkpoint import load_checkpoint, save_checkpoint
 from lmppl.twists.heads import LinearTwist, MLPTwist
 from lmppl.twists.io import build_twist, load_twist, read_twist_info, save_twist, twist_spec
 from lmppl.twists.losses import TwistLoss, ctl, dpg, fudge, rl, sixo
-from lmppl.twists.samples import Samples
-from lmppl.twists.tabular import TabularTwist
 from lmppl.twists.mixture import defensive_mixture
 from lmppl.twists.monitor import BoundsMonitor, TwistGapWarning
+from lmppl.twists.samples import Samples
+from lmppl.twists.tabular import TabularTwist
 from lmppl.twists.training import BATCHES, TrainingDiverged, fit
 from lmppl.twists.transformer import TransformerTwist
 
