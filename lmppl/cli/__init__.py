@@ -133,6 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=100, help="gradient steps (default 100)")
     train.add_argument("--particles", type=int, default=32, help="SIS batch size (default 32)")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    train.add_argument(
+        "--batch",
+        choices=("mixture", "proposal"),
+        default="mixture",
+        help="training batch: the twisted proposal pooled with p0 rollouts (default, robust to "
+        "dropped modes) or the SIS batch alone (the paper's recipe)",
+    )
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="measure the twist's bounds on log Z every N steps and keep the best "
+        "(default: steps / 5; 0: never)",
+    )
+    train.add_argument(
+        "--eval-particles", type=int, default=64, help="K of the evaluations (default 64)"
+    )
+    train.add_argument(
+        "--exact-samples",
+        type=int,
+        default=16,
+        help="exact samples of σ drawn for the upper bounds (default 16)",
+    )
     train.add_argument("--out", metavar="DIR", required=True, help="folder to write")
     train.set_defaults(run=cmd_train_twist)
 

@@ -36,6 +36,9 @@ def cmd_sample(options: argparse.Namespace) -> int:
     if options.twist:
         twist, info = load_task_twist(options.twist, task)
         _print(_twist_line(info))
+        warning = _untrusted_twist_warning(info)
+        if warning:
+            _print(warning)
 
     start = time.perf_counter()
     if backend == "exact":
@@ -79,7 +82,73 @@ def _trend(values: list[float]) -> str:
     return f"{np.mean(values[:width]):.4g} → {np.mean(values[-width:]):.4g}"
 
 
+#: The gap (nats) above which a twist's measured bounds make ``sample`` print a warning.
+GAP_TOLERANCE = 0.2
+
+
+def _untrusted_twist_warning(info: dict) -> str | None:
+    """A warning line when the twist file records bounds that stayed apart."""
+    bounds = info.get("metadata", {}).get("bounds") or {}
+    gap = bounds.get("gap")
+    if gap is None or not np.isfinite(gap) or abs(gap) <= GAP_TOLERANCE:
+        return None
+    return (
+        f"warning: this twist's bounds on log Z were measured {gap:.3g} nats apart at "
+        f"K={bounds.get('K')} (lower {bounds.get('lower'):.4g}, upper {bounds.get('upper'):.4g}): "
+        "its log Ẑ and samples are not to be trusted on this target (lmppl bounds re-measures)"
+    )
+
+
+def _training_bounds(options, history) -> dict | None:
+    """The best evaluation of ``fit(eval_every=...)`` as a record (None if none ran)."""
+    if "best_step" not in history:
+        return None
+    index = history["best_step"] - 1
+    record = {
+        "K": options.eval_particles,
+        "step": history["best_step"],
+        "lower": history["bound_lower"][index],
+        "upper": history["bound_upper"][index],
+        "gap": history["bound_gap"][index],
+    }
+    return {
+        k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in record.items()
+    }
+
+
+def _evaluation_options(options, task) -> dict:
+    """``fit``'s evaluation arguments: every steps / 5 by default, with exact samples
+    when the task has an unconditional exact sampler (else the lower bound only)."""
+    import jax
+
+    every = options.eval_every
+    if every is None:
+        every = max(1, options.steps // 5)
+    if every < 0 or options.eval_particles < 1 or options.exact_samples < 1:
+        raise UsageError("--eval-every, --eval-particles and --exact-samples must be positive")
+    if every == 0:
+        return {}
+    extra = {"eval_every": every, "eval_particles": options.eval_particles}
+    if task.exact is not None and not task.conditional:
+        start = time.perf_counter()
+        exact = task.exact_samples(jax.random.fold_in(_key(options.seed), 7), options.exact_samples)
+        extra["exact_samples"] = exact.samples
+        _print(
+            f"evaluation: bounds at K={options.eval_particles} every {every} steps, upper bounds "
+            f"from {exact.num_samples} exact samples by {task.exact} "
+            f"({time.perf_counter() - start:.1f}s)"
+        )
+    else:
+        _print(
+            f"evaluation: lower bound at K={options.eval_particles} every {every} steps (no "
+            "unconditional exact sampler: no upper bound)"
+        )
+    return extra
+
+
 def cmd_train_twist(options: argparse.Namespace) -> int:
+    import warnings
+
     from lmppl import twists
 
     for name in ("steps", "particles"):
@@ -97,23 +166,29 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
         twist = twists.MLPTwist(task.lm, options.hidden_size, **head)
     _print(
         f"training {type(twist).__name__} ({output}) with {options.method}: {options.steps} "
-        f"steps, {options.particles} particles, lr {options.lr}"
+        f"steps, {options.particles} particles, lr {options.lr}, batch {options.batch}"
     )
+    evaluation = _evaluation_options(options, task)
     start = time.perf_counter()
-    trained, history = twists.fit(
-        task.program,
-        twist,
-        options.method,
-        num_steps=options.steps,
-        num_particles=options.particles,
-        learning_rate=options.lr,
-        rng_key=_key(options.seed),
-        args=task.args,
-        kwargs=task.kwargs,
-        twist_condition=task.twist_condition,
-        progress=sys.stderr.isatty(),
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", twists.TwistGapWarning)  # printed below instead
+        trained, history = twists.fit(
+            task.program,
+            twist,
+            options.method,
+            num_steps=options.steps,
+            num_particles=options.particles,
+            learning_rate=options.lr,
+            rng_key=_key(options.seed),
+            args=task.args,
+            kwargs=task.kwargs,
+            twist_condition=task.twist_condition,
+            batch=options.batch,
+            progress=sys.stderr.isatty(),
+            **evaluation,
+        )
     seconds = time.perf_counter() - start
+    bounds = _training_bounds(options, history)
     out = Path(options.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -125,6 +200,8 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
         "num_particles": options.particles,
         "learning_rate": options.lr,
         "seed": options.seed,
+        "batch": options.batch,
+        "bounds": bounds,
     }
     path = twists.save_twist(
         out / "twist.npz",
@@ -139,8 +216,18 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
         f"trained in {seconds:.1f}s; first → last steps: loss {_trend(history['loss'])}, "
         f"ESS/N {_trend(history['ess'])}, SIS log Ẑ {_trend(history['log_marginal'])}",
         f"wrote {path} and {out / 'history.csv'}",
-        f"use it: lmppl sample {options.target} --twist {out}",
     )
+    if bounds is not None:
+        upper = "n/a" if bounds["upper"] is None else f"{bounds['upper']:.4f}"
+        gap = "n/a" if bounds["gap"] is None else f"{bounds['gap']:.4f}"
+        _print(
+            f"bounds at K={bounds['K']} (kept the best evaluation, step {bounds['step']}): "
+            f"lower {bounds['lower']:.4f}, upper {upper}, gap {gap} nats"
+        )
+        warning = _untrusted_twist_warning({"metadata": {"bounds": bounds}})
+        if warning:
+            _print(warning)
+    _print(f"use it: lmppl sample {options.target} --twist {out}")
     return 0
 
 

@@ -257,6 +257,11 @@ def test_train_twist_writes_a_checkpoint_and_history(trained):
     assert info["options"]["hidden_size"] == 8 and info["options"]["output"] == "log"
     assert info["metadata"]["method"] == "ctl" and info["metadata"]["site"] == "s"
     assert info["step"] == 6 and len(info["history"]["loss"]) == 6
+    # evaluated every 6 // 5 = 1 step against exact (enumerated) samples; the best is kept
+    bounds = info["metadata"]["bounds"]
+    assert bounds["K"] == 64 and 1 <= bounds["step"] <= 6 and info["metadata"]["batch"] == "mixture"
+    assert bounds["lower"] <= bounds["upper"] + 0.2 and np.isfinite(bounds["gap"])
+    assert len(info["history"]["bound_gap"]) == 6
     with open(trained / "history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -283,6 +288,22 @@ def test_sample_with_twist_uses_twisted_smc_and_writes_arviz_netcdf(capsys, trai
     code, _, err = run(capsys, "sample", f"{TINY}:TASK", "--twist", trained, "--backend", "smc")
     assert code == 2
     assert_one_line_error(err, "--twist is used by --backend twisted")
+
+
+def test_sample_warns_when_the_twist_file_records_bounds_far_apart(capsys, trained, tmp_path):
+    info = lmppl.twists.read_twist_info(trained / "twist.npz")
+    lm = lmppl.table_lm(3, context_length=12, seed=1)
+    twist = lmppl.twists.load_twist(trained / "twist.npz", lm)
+    metadata = {
+        **info["metadata"],
+        "bounds": {"K": 64, "step": 6, "lower": -3.0, "upper": -1.0, "gap": 2.0},
+    }
+    lmppl.twists.save_twist(tmp_path / "twist.npz", twist, lm=lm, step=6, metadata=metadata)
+    code, out, err = run(capsys, "sample", f"{TINY}:TASK", "--twist", tmp_path, "--particles", 8)
+    assert code == 0, err
+    assert "warning: this twist's bounds on log Z were measured 2 nats apart at K=64" in out
+    code, out, err = run(capsys, "sample", f"{TINY}:TASK", "--twist", trained, "--particles", 8)
+    assert code == 0 and "warning" not in out
 
 
 def test_twist_of_another_model_is_refused(capsys, tmp_path):

@@ -87,9 +87,15 @@ def _train(program, exact, batch):
     return trained, history, gap_warnings
 
 
-def test_sis_positives_drop_a_mode_and_the_bounds_say_so(target):
+@pytest.fixture(scope="module")
+def trained(target):
     program, exact = target
-    trained, history, gap_warnings = _train(program, exact, "proposal")
+    return {batch: _train(program, exact, batch) for batch in ("proposal", "mixture")}
+
+
+def test_sis_positives_drop_a_mode_and_the_bounds_say_so(target, trained):
+    program, exact = target
+    trained, history, gap_warnings = trained["proposal"]
     kl = _kl_sigma_q(program, trained)
     print("SIS positives: exact KL(σ‖q) =", kl, "gaps", history["bound_gap"][99::100])
     assert kl > 2.0  # half of σ's mass is (all but) never proposed
@@ -100,14 +106,38 @@ def test_sis_positives_drop_a_mode_and_the_bounds_say_so(target):
     assert len(gap_warnings) == 1 and "nats apart" in str(gap_warnings[0].message)
 
 
-def test_default_mixture_batch_keeps_both_modes(target):
+def test_default_mixture_batch_keeps_both_modes(target, trained):
     program, exact = target
-    trained, history, gap_warnings = _train(program, exact, "mixture")
+    trained, history, gap_warnings = trained["mixture"]
     kl = _kl_sigma_q(program, trained)
     print("mixture: exact KL(σ‖q) =", kl, "gaps", history["bound_gap"][99::100])
     assert kl < 0.05
     assert not gap_warnings
     assert abs(history["bound_gap"][history["best_step"] - 1]) < 0.2
+
+
+def test_diagnose_gives_the_verdict_the_exact_kl_implies(target, trained):
+    program, exact = target
+    verdicts = {}
+    for batch, (twist, _, _) in trained.items():
+        sampler = lmppl.infer.TwistedSMC(program, 16, twists={"s": twist})
+        verdicts[batch] = lmppl.evaluation.diagnose(
+            program, sampler, jax.random.key(5), exact=exact, num_runs=16
+        )
+        print(verdicts[batch])
+    dropped, kept = verdicts["proposal"], verdicts["mixture"]
+    assert dropped.trusted is False and dropped.gap > 1.0 and "NOT trustworthy" in dropped.verdict
+    assert kept.trusted is True and abs(kept.gap) < 0.2 and kept.ess > 0.5
+    # the dropped-mode sampler is precise: a small spread, which the verdict must not trust
+    assert np.std(dropped.lower.values) < 0.1
+    unverified = lmppl.evaluation.diagnose(
+        program,
+        lmppl.infer.TwistedSMC(program, 16, twists={"s": trained["proposal"][0]}),
+        jax.random.key(6),
+        num_runs=4,
+    )
+    assert unverified.trusted is None and unverified.upper is None
+    assert "unverified" in unverified.verdict and "says nothing about bias" in unverified.verdict
 
 
 def test_bad_batch_and_evaluation_arguments_are_named(target):
