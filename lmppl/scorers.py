@@ -68,7 +68,9 @@ def vader_sentiment(num_classes: int = 5, width: float = 0.25) -> Scorer:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width!r}")
-    analyzer = _require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
+    analyzer = _require(
+        "vaderSentiment.vaderSentiment", "vaderSentiment"
+    ).SentimentIntensityAnalyzer()
     centres = np.linspace(-1.0, 1.0, num_classes)
 
     def vader_sentiment_probs(texts: list[str]) -> np.ndarray:

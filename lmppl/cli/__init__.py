@@ -156,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="exact samples of σ drawn for the upper bounds (default 16)",
     )
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="write DIR/checkpoints/step_N.npz every N steps (default 50; 0: only at the end)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run whose checkpoints are in DIR/checkpoints (e.g. after Ctrl-C)",
+    )
     train.add_argument("--out", metavar="DIR", required=True, help="folder to write")
     train.set_defaults(run=cmd_train_twist)
 

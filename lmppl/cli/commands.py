@@ -168,6 +168,20 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
         f"training {type(twist).__name__} ({output}) with {options.method}: {options.steps} "
         f"steps, {options.particles} particles, lr {options.lr}, batch {options.batch}"
     )
+    out = Path(options.out).expanduser()
+    checkpoints = out / "checkpoints"
+    if options.checkpoint_every < 0:
+        raise UsageError("--checkpoint-every must be 0 or a positive integer")
+    if twists.step_checkpoints(checkpoints) and not options.resume:
+        raise UsageError(
+            f"{checkpoints} holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or choose another --out"
+        )
+    if options.resume:
+        found = twists.step_checkpoints(checkpoints)
+        _print(
+            f"resuming from {found[0]}" if found else f"no checkpoint in {checkpoints}: starting"
+        )
     evaluation = _evaluation_options(options, task)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -185,11 +199,13 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
             twist_condition=task.twist_condition,
             batch=options.batch,
             progress=sys.stderr.isatty(),
+            checkpoint_dir=checkpoints,
+            checkpoint_every=options.checkpoint_every,
+            resume=options.resume,
             **evaluation,
         )
     seconds = time.perf_counter() - start
     bounds = _training_bounds(options, history)
-    out = Path(options.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
         "task": task.name,

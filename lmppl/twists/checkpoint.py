@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "load_twist", "save_checkpoint", "save_twist"]
+__all__ = [
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_twist",
+    "save_checkpoint",
+    "save_twist",
+    "step_checkpoints",
+]
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -56,8 +64,13 @@ def save_checkpoint(
     if opt_state is not None:
         arrays.update({f"opt_state/{k}": v for k, v in _flatten(opt_state).items()})
     meta = json.dumps({"step": int(step), "history": history or {}})
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, __meta__=np.asarray(meta), **arrays)
+    # Written beside the target under a name no checkpoint pattern matches, flushed to
+    # disk, then renamed: a write killed midway leaves the previous checkpoints intact.
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, __meta__=np.asarray(meta), **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
     return path
 
@@ -79,11 +92,23 @@ def load_checkpoint(
     return params, opt_state, int(meta["step"]), meta["history"]
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint ``step_*.npz`` with the highest step in ``directory`` (None if none)."""
+_STEP_NAME = re.compile(r"^step_(\d+)\.npz$")
+
+
+def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoints ``step_<digits>.npz`` in ``directory``, highest step first (names
+    are matched exactly: temporary and other files are ignored)."""
     directory = Path(directory)
-    found = sorted(directory.glob("step_*.npz")) if directory.is_dir() else []
-    return found[-1] if found else None
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_NAME.match(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint ``step_<digits>.npz`` with the highest step in ``directory`` (None if none)."""
+    found = step_checkpoints(directory)
+    return found[0] if found else None
 
 
 def save_twist(path: str | os.PathLike, twist: Any) -> Path:

@@ -15,15 +15,18 @@ in memory and, with a ``checkpoint_dir``, as ``best.npz``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 
-from lmppl.twists.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmppl.twists.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 
 __all__ = ["Best", "TrainingDiverged", "checkpoint_path", "run_training"]
 
@@ -76,10 +79,22 @@ def run_training(
     history: dict[str, list[float]] = {name: [] for name in names}
     start = 0
     if checkpoint_dir is not None and resume:
-        found = latest_checkpoint(checkpoint_dir)
-        if found is not None:
-            params, loaded_state, start, history = load_checkpoint(found, params, opt_state)
+        for found in step_checkpoints(checkpoint_dir):
+            try:
+                loaded = load_checkpoint(found, params, opt_state)
+            except (OSError, EOFError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+                warnings.warn(
+                    f"skipping unreadable checkpoint {found} ({type(error).__name__}: {error}); "
+                    "resuming from an earlier one",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            params, loaded_state, start, stored = loaded
             opt_state = loaded_state if loaded_state is not None else opt_state
+            done = len(stored.get("step", []))
+            history = {n: list(stored.get(n, [math.nan] * done)) for n in names}
+            break
 
     def checkpoint(k, params, opt_state):
         if checkpoint_dir is not None:

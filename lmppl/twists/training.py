@@ -58,7 +58,9 @@ __all__ = [
     "fit",
 ]
 
-METRICS = ("loss", "ess", "log_marginal", "grad_norm")
+METRICS = ("loss", "ess", "log_marginal", "grad_norm", "param_norm")
+#: A step whose parameter norm exceeds this multiple of max(1, the initial norm) diverged.
+BLOW_UP = 1e4
 
 #: Training batches: ``"mixture"`` pools the SIS batch of the twisted proposal with p0
 #: rollouts (balance-heuristic weights, :mod:`lmppl.twists.mixture`); ``"proposal"`` is
@@ -199,6 +201,12 @@ def build_train_step(
             "ess": effective_sample_size(proposal.log_weights) / num_particles,
             "log_marginal": proposal.log_marginal,
             "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(new_params),
+            "finite": jnp.all(
+                jnp.stack(
+                    [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((new_params, new_opt_state))]
+                )
+            ),
             **extra,
         }
         return new_params, new_opt_state, metrics
@@ -355,12 +363,24 @@ def fit(
         step_arrays, targets = step_data(step_key, k)
         return step_fn(params, opt_state, step_key, model_params, step_arrays, targets)
 
+    initial_norm = float(optax.tree.norm(twist.params))
+    limit = BLOW_UP * max(1.0, initial_norm)
+
     def diverged(k, metrics):
-        if math.isnan(metrics["loss"]) or math.isnan(metrics["grad_norm"]):
+        finite = all(math.isfinite(metrics[n]) for n in ("loss", "grad_norm", "param_norm"))
+        if not finite or not metrics["finite"]:
             return (
                 f"twist training ({loss.name}) diverged at step {k}: loss={metrics['loss']}, "
-                f"grad_norm={metrics['grad_norm']} (NaN); lower the learning rate, or check "
-                "that the potentials are finite"
+                f"grad_norm={metrics['grad_norm']}, parameters or optimiser state not finite; "
+                "the last finite parameters are kept; lower the learning rate, or check that "
+                "the potentials are finite"
+            )
+        if metrics["param_norm"] > limit:
+            return (
+                f"twist training ({loss.name}) diverged at step {k}: the parameter norm "
+                f"{metrics['param_norm']:.3g} is over {BLOW_UP:g}× its initial value "
+                f"{initial_norm:.3g} (a twist this large makes float32 weights meaningless); "
+                "the last parameters below that are kept; lower the learning rate"
             )
         return None
 

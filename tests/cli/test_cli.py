@@ -462,3 +462,22 @@ def test_main_job_runs_end_to_end_at_a_small_size(capsys, tmp_path):
     assert (tmp_path / "main" / "bounds.png").is_file()
     with open(tmp_path / "main" / "bounds.csv") as handle:
         assert [int(r["K"]) for r in csv.DictReader(handle)] == [4]
+
+
+def test_train_twist_checkpoints_and_resumes(capsys, tmp_path):
+    common = ["train-twist", f"{TINY}:TASK", "--method", "ctl", "--hidden-size", "4"]
+    common += ["--particles", "4", "--eval-every", "0", "--out", str(tmp_path)]
+    code, out, err = run(capsys, *common, "--steps", 4, "--checkpoint-every", 2)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.npz")) == [
+        "step_0000002.npz",
+        "step_0000004.npz",
+    ]
+    code, _, err = run(capsys, *common, "--steps", 6)
+    assert code == 2
+    assert_one_line_error(err, "holds checkpoints of an earlier run: pass --resume")
+    code, out, err = run(capsys, *common, "--steps", 6, "--resume")
+    assert code == 0, err
+    assert "resuming from" in out and "step_0000004.npz" in out
+    info = lmppl.twists.read_twist_info(tmp_path / "twist.npz")
+    assert info["history"]["step"] == [1, 2, 3, 4, 5, 6]

@@ -241,3 +241,56 @@ def test_transformer_twist_trains_on_stories260k():
     assert len(history["loss"]) == 3 and np.all(np.isfinite(history["loss"]))
     result = lmppl.infer.TwistedSMC(program, 8, twists={"story": trained}).run(jax.random.key(1))
     assert np.isfinite(float(result.log_marginal))
+
+
+def test_resume_skips_partial_and_unreadable_checkpoints(tmp_path):
+    """A write killed midway (a leftover partial file, a truncated ``step_*.npz``) never
+    blocks a resume: names are matched exactly and unreadable files are skipped."""
+    program, args = TARGETS["short"]
+    make = lambda: lmppl.twists.MLPTwist(lmppl.infer.discover(program, args, {}).lm_site.model, 8)
+    options = dict(
+        num_particles=16, learning_rate=1e-2, rng_key=jax.random.key(4), args=args, progress=False
+    )
+    straight, straight_history = lmppl.twists.fit(program, make(), "ctl", num_steps=6, **options)
+    lmppl.twists.fit(
+        program, make(), "ctl", num_steps=4, checkpoint_dir=tmp_path, checkpoint_every=2, **options
+    )
+    good = (tmp_path / "step_0000004.npz").read_bytes()
+    (tmp_path / "step_0000004.npz.tmp.npz").write_bytes(good[: len(good) // 2])  # old temp name
+    (tmp_path / ".step_0000005.npz.partial").write_bytes(good[: len(good) // 3])
+    (tmp_path / "step_0000005.npz").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.warns(RuntimeWarning, match="skipping unreadable checkpoint .*step_0000005.npz"):
+        resumed, history = lmppl.twists.fit(
+            program, make(), "ctl", num_steps=6, checkpoint_dir=tmp_path, **options
+        )
+    assert history["step"] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(history["loss"], straight_history["loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("learning_rate", [1e6, 1e30])
+def test_blow_up_stops_training_and_keeps_finite_parameters(tmp_path, learning_rate):
+    """A learning rate that blows the parameters up (finite or not) is caught at once;
+    the checkpoint written holds the last finite, bounded parameters."""
+    program, args = TARGETS["classifier"]
+    twist = lmppl.twists.MLPTwist(LM, 8)
+    with pytest.raises(lmppl.twists.TrainingDiverged, match="diverged at step 0"):
+        lmppl.twists.fit(
+            program,
+            twist,
+            "ctl",
+            num_steps=5,
+            num_particles=8,
+            learning_rate=learning_rate,
+            rng_key=jax.random.key(0),
+            args=args,
+            progress=False,
+            checkpoint_dir=tmp_path,
+        )
+    params, opt_state, step, _ = lmppl.twists.load_checkpoint(
+        tmp_path / "step_0000000.npz", twist.params, None
+    )
+    assert step == 0
+    for saved, initial in zip(jax.tree.leaves(params), jax.tree.leaves(twist.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(initial))
