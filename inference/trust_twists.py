@@ -210,6 +210,49 @@ def write(rows, options, command: str) -> None:
             f"| {'yes' if r['warned'] else 'no'} |"
         )
     (options.out / "trust.md").write_text("\n".join(lines) + "\n")
+    plot(rows, options.out / "trust.png", options.K)
+
+
+def plot(rows, path: Path, k: int) -> None:
+    """One panel per task: each recipe's lower and upper bound (95% CI) against the IS
+    reference (its ±2 standard errors shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        mine = [r for r in rows if r["task"] == task]
+        reference, error = mine[0]["reference"], mine[0]["reference_se"]
+        axis.axhspan(reference - 2 * error, reference + 2 * error, color="0.85")
+        axis.axhline(reference, color="0.3", lw=1, label="IS reference ± 2 se")
+        for x, r in enumerate(mine):
+            axis.errorbar(
+                x - 0.08,
+                r["lower"],
+                yerr=r["lower_ci"],
+                fmt="o",
+                color="C0",
+                label="lower (twisted SMC)" if x == 0 else None,
+            )
+            axis.errorbar(
+                x + 0.08,
+                r["upper"],
+                yerr=r["upper_ci"],
+                fmt="s",
+                color="C3",
+                label="upper (conditional SMC)" if x == 0 else None,
+            )
+        axis.set_xticks(range(len(mine)), [r["recipe"] for r in mine])
+        axis.set_xlim(-0.6, len(mine) - 0.4)
+        axis.set_title(f"{task} (K = {k})", fontsize=10)
+        axis.set_ylabel("log Z")
+    axes[0][0].legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

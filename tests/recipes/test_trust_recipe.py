@@ -1,0 +1,26 @@
+"""Smoke run of inference/trust_twists.py (old vs default CTL recipe) at tiny sizes."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from inference import trust_twists as recipe
+
+
+@pytest.mark.slow
+def test_trust_recipe_writes_table_and_figure(tmp_path):
+    argv = ["--tasks", "infilling-fixed", "--reference-draws", "8192", "--exact", "2"]
+    argv += ["--steps", "4", "--particles", "8", "--eval-every", "2", "--K", "8", "--runs", "2"]
+    assert recipe.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "trust.csv")))
+    assert [r["recipe"] for r in rows] == ["old", "default"]
+    for row in rows:
+        for name in ("reference", "lower", "upper", "gap"):
+            assert math.isfinite(float(row[name])), row
+    assert rows[1]["best_step"] in ("2", "4") and rows[0]["best_step"] == "4"
+    assert "| infilling-fixed | default |" in (tmp_path / "trust.md").read_text()
+    assert (tmp_path / "trust.png").stat().st_size > 0
+    assert (tmp_path / "reference_infilling-fixed_8192.json").is_file()
