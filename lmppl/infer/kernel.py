@@ -208,7 +208,11 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
         )
     resampler = options.resampling
     if options.ess_threshold is not None and resampler not in ("multinomial", multinomial):
-        name = resampler if isinstance(resampler, str) else getattr(resampler, "__name__", "a custom resampler")
+        name = (
+            resampler
+            if isinstance(resampler, str)
+            else getattr(resampler, "__name__", "a custom resampler")
+        )
         raise ProgramError(
             f"conditional SMC needs multinomial resampling (the only scheme whose law given the "
             f"clamped reference's lineage is implemented); got {name!r}"

@@ -51,7 +51,9 @@ REFUSED_SCHEMES = ["stratified", "systematic", "residual"]
 @pytest.mark.parametrize("ess_threshold", [1.0, 0.5])
 @pytest.mark.parametrize("num_particles", [2, 3, 8])
 @pytest.mark.parametrize("resampling", CONDITIONAL_SCHEMES)
-def test_inverse_marginal_is_unbiased_with_exact_reference(resampling, num_particles, ess_threshold):
+def test_inverse_marginal_is_unbiased_with_exact_reference(
+    resampling, num_particles, ess_threshold
+):
     """E[Z / Ẑ_CSMC] = 1 within 4 standard errors, for every scheme accepted conditionally."""
     log_z, references = exact_references(RUNS, seed=num_particles)
     sampler = lmppl.infer.SMC(
@@ -85,6 +87,9 @@ def test_conditional_importance_sampling_accepts_any_scheme(resampling):
     """Without resampling the scheme is never used: conditional IS (IWAE upper bound)."""
     log_z, references = exact_references(RUNS, seed=5)
     sampler = lmppl.infer.SMC(stepwise, 3, resampling=resampling, ess_threshold=None)
-    ratios = np.exp(log_z - np.asarray(sampler.conditional_log_marginals(jax.random.key(2), references), np.float64))
+    ratios = np.exp(
+        log_z
+        - np.asarray(sampler.conditional_log_marginals(jax.random.key(2), references), np.float64)
+    )
     error = ratios.std(ddof=1) / np.sqrt(ratios.size)
     assert abs(ratios.mean() - 1.0) < 4 * error, (ratios.mean(), error)
