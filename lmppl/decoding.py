@@ -34,6 +34,9 @@ __all__ = [
     "prefill",
     "sample_tokens",
     "score_tokens",
+    "teacher_force",
+    "token_log_weights",
+    "valid_mask",
 ]
 
 
@@ -49,6 +52,18 @@ class DecodeState(NamedTuple):
     cache: Any
     logits: jax.Array
     hidden: jax.Array
+
+
+def valid_mask(tokens: jax.Array, eos: int | None) -> jax.Array:
+    """``[..., T]`` bool: the positions up to and including the first EOS (all without EOS).
+
+    The one "after the first EOS" rule: positions after it are padding, scored 0 when they
+    hold EOS and impossible otherwise (:func:`token_log_weights`).
+    """
+    if eos is None:
+        return jnp.ones(tokens.shape, bool)
+    is_eos = tokens == eos
+    return jnp.cumsum(is_eos, axis=-1) - is_eos == 0
 
 
 def next_token_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
@@ -166,6 +181,37 @@ def sample_tokens(
     return tokens.T, log_probs.sum(axis=0)
 
 
+def teacher_force(
+    model: LanguageModel, params: Any, state: DecodeState, values: jax.Array
+) -> jax.Array:
+    """``[M, T, V]`` next-token logits before each token of ``values`` ``[M, T]``.
+
+    One batched pass of ``values[:, :-1]`` against the prefilled ``state`` (its logits are
+    those before ``values[:, 0]``).
+    """
+    logits = state.logits[:, None]
+    if values.shape[1] > 1:
+        out = model.apply(params, values[:, :-1], state.cache)
+        logits = jnp.concatenate([logits, out.logits], axis=1)
+    return logits
+
+
+def token_log_weights(
+    model: Any, logits: jax.Array, values: jax.Array, temperature: float, eos: int | None
+) -> jax.Array:
+    """``[M, T]`` ``log p0(s_t | s_<t)`` of ``values`` given their logits ``[M, T, V]``.
+
+    With ``eos`` set, positions after the first EOS (see :func:`valid_mask`) score 0 when
+    they hold EOS (padding) and ``-inf`` otherwise (outside the model's support).
+    """
+    log_weights = next_token_log_weights(model, logits, temperature)
+    per_token = jnp.take_along_axis(log_weights, values[..., None], axis=-1)[..., 0]
+    if eos is None:
+        return per_token
+    padding = jnp.where(values == eos, 0.0, -jnp.inf)
+    return jnp.where(valid_mask(values, eos), per_token, padding)
+
+
 @partial(jax.jit, static_argnames=("model", "temperature", "eos"))
 def score_tokens(
     params: Any,
@@ -192,16 +238,5 @@ def score_tokens(
     prompt_tokens = jnp.broadcast_to(prompt_tokens, (rows, prompt_tokens.shape[-1]))
     lengths = jnp.broadcast_to(jnp.asarray(prompt_length, jnp.int32), (rows,))
     state = prefill(model, params, prompt_tokens, lengths, rows, steps)
-    out = model.apply(params, values[:, :-1], state.cache) if steps > 1 else None
-    logits = state.logits[:, None]
-    if out is not None:
-        logits = jnp.concatenate([logits, out.logits], axis=1)
-    log_probs = next_token_log_weights(model, logits, temperature)
-    token_log_probs = jnp.take_along_axis(log_probs, values[..., None], axis=-1)[..., 0]
-    if eos is None:
-        return token_log_probs.sum(axis=-1)
-    is_eos = values == eos
-    after_eos = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
-    padding_ok = jnp.all(jnp.where(after_eos, is_eos, True), axis=-1)
-    total = jnp.where(after_eos, 0.0, token_log_probs).sum(axis=-1)
-    return jnp.where(padding_ok, total, -jnp.inf)
+    logits = teacher_force(model, params, state, values)
+    return token_log_weights(model, logits, values, temperature, eos).sum(axis=-1)
