@@ -188,9 +188,13 @@ def _constrain(state: ParticleState, sharding: Any, num_particles: int) -> Parti
             return jax.lax.with_sharding_constraint(x, sharding)
         return x
 
-    particles = state._replace(prompt_tokens=None, prompt_length=None)
-    placed = jax.tree.map(leaf, particles)
-    return placed._replace(prompt_tokens=state.prompt_tokens, prompt_length=state.prompt_length)
+    shared = ("prompt_tokens", "prompt_length")
+    placed = {
+        name: jax.tree.map(leaf, value)
+        for name, value in state._asdict().items()
+        if name not in shared
+    }
+    return state._replace(**placed)
 
 
 def _lm_params(structure: ProgramStructure, model_params: tuple) -> Any:
@@ -334,7 +338,7 @@ def build_kernel(
             )
 
         log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
-        potentials = ()
+        potentials: tuple[jax.Array, ...] = ()
         if step_log_weights is not None:
             potentials = step_log_weights(state.prefix_values, state.tokens, t)
         log_psi_next = None
@@ -353,6 +357,7 @@ def build_kernel(
         )
         token = jax.random.categorical(sample_key, log_q).astype(jnp.int32)
         if options.conditional:
+            assert reference is not None, "a conditional sweep needs its reference [T]"
             token = token.at[0].set(reference[t])
         new_log_psi = (
             jnp.take_along_axis(log_psi_next, token[:, None], axis=1)[:, 0]
