@@ -28,6 +28,7 @@ from lmppl.lm.base import LanguageModel, broadcast_cache
 
 __all__ = [
     "DecodeState",
+    "advance",
     "feed",
     "next_token_log_probs",
     "next_token_log_weights",
@@ -132,6 +133,30 @@ def feed(model: LanguageModel, params: Any, state: DecodeState, tokens: jax.Arra
     return DecodeState(out.cache, out.logits[:, 0], out.hidden[:, 0])
 
 
+def advance(
+    model: LanguageModel,
+    params: Any,
+    state: DecodeState,
+    tokens: jax.Array,
+    done: jax.Array,
+    eos: int | None,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """One decoding step after sampling: the EOS rule, then feed the tokens.
+
+    The one EOS rule: a row that is ``done`` emits EOS (padding), and a row is done from
+    the step it emits EOS on; without ``eos`` no row ever ends.
+
+    Args:
+      tokens: ``[N]`` the sampled tokens; done: ``[N]`` rows that had already ended.
+    Returns:
+      the advanced state, the tokens actually emitted ``[N]`` and the new ``done`` ``[N]``.
+    """
+    if eos is not None:
+        tokens = jnp.where(done, eos, tokens)
+        done = done | (tokens == eos)
+    return feed(model, params, state, tokens), tokens, done
+
+
 @partial(jax.jit, static_argnames=("model", "num_rows", "max_new_tokens", "temperature", "eos"))
 def sample_tokens(
     rng_key: jax.Array,
@@ -170,10 +195,9 @@ def sample_tokens(
             token = jax.random.categorical(key, log_probs).astype(jnp.int32)
             token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
         if eos is not None:
-            token = jnp.where(done, eos, token)
             token_log_prob = jnp.where(done, 0.0, token_log_prob)
-            done = done | (token == eos)
-        return (feed(model, params, state, token), done), (token, token_log_prob)
+        state, token, done = advance(model, params, state, token, done, eos)
+        return (state, done), (token, token_log_prob)
 
     done = jnp.zeros((num_rows,), bool)
     keys = jax.random.split(rng_key, max_new_tokens)

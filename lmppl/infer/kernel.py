@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import DecodeState, feed, next_token_log_weights, prefill
+from lmppl.decoding import DecodeState, advance, next_token_log_weights, prefill
 from lmppl.infer.program import (
     ProgramError,
     ProgramStructure,
@@ -364,14 +364,12 @@ def build_kernel(
             if log_psi_next is not None
             else state.log_psi
         )
-        done = state.done
         if eos is not None:
-            token = jnp.where(done, eos, token)
-            increment = jnp.where(done, 0.0, increment)
-            new_log_psi = jnp.where(done, state.log_psi, new_log_psi)
-            done = done | (token == eos)
+            increment = jnp.where(state.done, 0.0, increment)
+            new_log_psi = jnp.where(state.done, state.log_psi, new_log_psi)
+        decode, token, done = advance(model, lm_params, state.decode, token, state.done, eos)
         new_state = state._replace(
-            decode=feed(model, lm_params, state.decode, token),
+            decode=decode,
             tokens=state.tokens.at[:, t].set(token),
             log_weights=state.log_weights + increment,
             log_psi=new_log_psi,
