@@ -27,6 +27,7 @@ test-fast: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/decode.py

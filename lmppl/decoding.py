@@ -28,12 +28,16 @@ from lmppl.lm.base import LanguageModel, broadcast_cache
 
 __all__ = [
     "DecodeState",
+    "advance",
     "feed",
     "next_token_log_probs",
     "next_token_log_weights",
     "prefill",
     "sample_tokens",
     "score_tokens",
+    "teacher_force",
+    "token_log_weights",
+    "valid_mask",
 ]
 
 
@@ -49,6 +53,18 @@ class DecodeState(NamedTuple):
     cache: Any
     logits: jax.Array
     hidden: jax.Array
+
+
+def valid_mask(tokens: jax.Array, eos: int | None) -> jax.Array:
+    """``[..., T]`` bool: the positions up to and including the first EOS (all without EOS).
+
+    The one "after the first EOS" rule: positions after it are padding, scored 0 when they
+    hold EOS and impossible otherwise (:func:`token_log_weights`).
+    """
+    if eos is None:
+        return jnp.ones(tokens.shape, bool)
+    is_eos = tokens == eos
+    return jnp.cumsum(is_eos, axis=-1) - is_eos == 0
 
 
 def next_token_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
@@ -117,6 +133,30 @@ def feed(model: LanguageModel, params: Any, state: DecodeState, tokens: jax.Arra
     return DecodeState(out.cache, out.logits[:, 0], out.hidden[:, 0])
 
 
+def advance(
+    model: LanguageModel,
+    params: Any,
+    state: DecodeState,
+    tokens: jax.Array,
+    done: jax.Array,
+    eos: int | None,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """One decoding step after sampling: the EOS rule, then feed the tokens.
+
+    The one EOS rule: a row that is ``done`` emits EOS (padding), and a row is done from
+    the step it emits EOS on; without ``eos`` no row ever ends.
+
+    Args:
+      tokens: ``[N]`` the sampled tokens; done: ``[N]`` rows that had already ended.
+    Returns:
+      the advanced state, the tokens actually emitted ``[N]`` and the new ``done`` ``[N]``.
+    """
+    if eos is not None:
+        tokens = jnp.where(done, eos, tokens)
+        done = done | (tokens == eos)
+    return feed(model, params, state, tokens), tokens, done
+
+
 @partial(jax.jit, static_argnames=("model", "num_rows", "max_new_tokens", "temperature", "eos"))
 def sample_tokens(
     rng_key: jax.Array,
@@ -155,15 +195,45 @@ def sample_tokens(
             token = jax.random.categorical(key, log_probs).astype(jnp.int32)
             token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
         if eos is not None:
-            token = jnp.where(done, eos, token)
             token_log_prob = jnp.where(done, 0.0, token_log_prob)
-            done = done | (token == eos)
-        return (feed(model, params, state, token), done), (token, token_log_prob)
+        state, token, done = advance(model, params, state, token, done, eos)
+        return (state, done), (token, token_log_prob)
 
     done = jnp.zeros((num_rows,), bool)
     keys = jax.random.split(rng_key, max_new_tokens)
     _, (tokens, log_probs) = jax.lax.scan(step, (state, done), keys)
     return tokens.T, log_probs.sum(axis=0)
+
+
+def teacher_force(
+    model: LanguageModel, params: Any, state: DecodeState, values: jax.Array
+) -> jax.Array:
+    """``[M, T, V]`` next-token logits before each token of ``values`` ``[M, T]``.
+
+    One batched pass of ``values[:, :-1]`` against the prefilled ``state`` (its logits are
+    those before ``values[:, 0]``).
+    """
+    logits = state.logits[:, None]
+    if values.shape[1] > 1:
+        out = model.apply(params, values[:, :-1], state.cache)
+        logits = jnp.concatenate([logits, out.logits], axis=1)
+    return logits
+
+
+def token_log_weights(
+    model: Any, logits: jax.Array, values: jax.Array, temperature: float, eos: int | None
+) -> jax.Array:
+    """``[M, T]`` ``log p0(s_t | s_<t)`` of ``values`` given their logits ``[M, T, V]``.
+
+    With ``eos`` set, positions after the first EOS (see :func:`valid_mask`) score 0 when
+    they hold EOS (padding) and ``-inf`` otherwise (outside the model's support).
+    """
+    log_weights = next_token_log_weights(model, logits, temperature)
+    per_token = jnp.take_along_axis(log_weights, values[..., None], axis=-1)[..., 0]
+    if eos is None:
+        return per_token
+    padding = jnp.where(values == eos, 0.0, -jnp.inf)
+    return jnp.where(valid_mask(values, eos), per_token, padding)
 
 
 @partial(jax.jit, static_argnames=("model", "temperature", "eos"))
@@ -192,16 +262,5 @@ def score_tokens(
     prompt_tokens = jnp.broadcast_to(prompt_tokens, (rows, prompt_tokens.shape[-1]))
     lengths = jnp.broadcast_to(jnp.asarray(prompt_length, jnp.int32), (rows,))
     state = prefill(model, params, prompt_tokens, lengths, rows, steps)
-    out = model.apply(params, values[:, :-1], state.cache) if steps > 1 else None
-    logits = state.logits[:, None]
-    if out is not None:
-        logits = jnp.concatenate([logits, out.logits], axis=1)
-    log_probs = next_token_log_weights(model, logits, temperature)
-    token_log_probs = jnp.take_along_axis(log_probs, values[..., None], axis=-1)[..., 0]
-    if eos is None:
-        return token_log_probs.sum(axis=-1)
-    is_eos = values == eos
-    after_eos = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
-    padding_ok = jnp.all(jnp.where(after_eos, is_eos, True), axis=-1)
-    total = jnp.where(after_eos, 0.0, token_log_probs).sum(axis=-1)
-    return jnp.where(padding_ok, total, -jnp.inf)
+    logits = teacher_force(model, params, state, values)
+    return token_log_weights(model, logits, values, temperature, eos).sum(axis=-1)

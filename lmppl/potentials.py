@@ -27,6 +27,7 @@ import numpy as np
 import numpyro
 from numpyro.distributions.distribution import Unit
 
+from lmppl.decoding import valid_mask
 from lmppl.lm.base import Tokenizer
 
 __all__ = [
@@ -169,10 +170,7 @@ def step_factor(
             return log_potential(prefix, t)[row[t]]
 
         values = jax.vmap(at)(jnp.arange(steps))
-        if eos_token_id is not None:
-            is_eos = row == eos_token_id
-            values = jnp.where(jnp.cumsum(is_eos) - is_eos > 0, 0.0, values)
-        return values.sum()
+        return jnp.where(valid_mask(row, eos_token_id), values, 0.0).sum()
 
     flat = sequence.reshape(-1, steps)
     log_factor = jax.vmap(total)(flat).reshape(sequence.shape[:-1])

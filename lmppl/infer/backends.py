@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,24 @@ from lmppl.infer.result import InferenceResult
 from lmppl.infer.sweep import SweepOptions, SweepOutput, build_sweep
 from lmppl.infer.twist import split_twist
 
-__all__ = ["SMC", "ImportanceSampling", "TwistedSMC"]
+__all__ = ["SMC", "CompiledProgram", "ImportanceSampling", "TwistedSMC", "check_output"]
+
+
+class CompiledProgram(NamedTuple):
+    """What :meth:`SMC.compile` returns (still unpackable as a 4-tuple).
+
+    Fields:
+      structure: the program's :class:`~lmppl.infer.program.ProgramStructure`.
+      sweep: the jitted ``sweep(rng_key, model_params, twist_params, arrays, reference)
+        -> SweepOutput``.
+      arrays: the program's array arguments (the ``arrays`` argument of ``sweep``).
+      twist_params: the twist's parameters (None without a twist or for a plain callable).
+    """
+
+    structure: ProgramStructure
+    sweep: Callable[..., SweepOutput]
+    arrays: list
+    twist_params: Any
 
 
 def _check_particles(num_particles: Any) -> int:
@@ -47,8 +64,13 @@ def _check_key(rng_key: Any) -> jax.Array:
     return rng_key
 
 
-def check_output(output: SweepOutput, backend: str) -> None:
-    """Turn silent numerical failures into errors (NaN) or a warning (all weights zero)."""
+def check_output(output: SweepOutput, backend: str, *, conditional: bool = False) -> None:
+    """Turn silent numerical failures into errors (NaN) or a warning (all weights zero).
+
+    ``output`` is one sweep's (``log_weights [N]``) or a batch of runs' (``[R, N]``, from
+    :meth:`SMC.log_marginals`). For a conditional batch, a reference (particle 0) of
+    weight zero is an error: it cannot be a sample of σ, so the upper bound is void.
+    """
     for name, values in output.site_log_probs.items():
         values = np.asarray(values)
         bad = np.isnan(values)
@@ -57,14 +79,31 @@ def check_output(output: SweepOutput, backend: str) -> None:
                 f"site '{name}' returned NaN for {int(bad.sum())} of {values.size} particles; "
                 "potentials must be finite or -inf"
             )
-    if np.isnan(np.asarray(output.log_weights)).any():
+    log_weights = np.asarray(output.log_weights)
+    if np.isnan(log_weights).any():
         raise ValueError(
             f"{backend}: NaN log-weights (a twist or step potential returned NaN or +inf)"
         )
-    if not np.isfinite(np.asarray(output.log_weights)).any():
+    if conditional:
+        dead = np.flatnonzero(np.isneginf(log_weights[..., 0]))
+        if dead.size:
+            raise ValueError(
+                f"{backend}: conditional SMC reference {int(dead[0])} has weight zero (outside "
+                "the support of σ, or its twist is zero there): references must be samples of σ"
+            )
+    zero = ~np.isfinite(log_weights).any(axis=-1)
+    if zero.ndim == 0 and zero:
         warnings.warn(
             f"{backend}: every particle has weight zero (the potentials are -inf for all "
             "sampled sequences); log_marginal is -inf. Try more particles or a twist.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif zero.ndim == 1 and zero.any():
+        warnings.warn(
+            f"{backend}: in {int(zero.sum())} of {zero.size} runs every particle has weight "
+            "zero (the potentials are -inf for all sampled sequences); their log_marginal "
+            "is -inf. Try more particles or a twist.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -144,14 +183,13 @@ class SMC:
             conditional=conditional,
         )
 
-    def compile(
-        self, *args, conditional: bool = False, **kwargs
-    ) -> tuple[ProgramStructure, Callable, list, Any]:
+    def compile(self, *args, conditional: bool = False, **kwargs) -> CompiledProgram:
         """Discover the program's structure and build (or reuse) its jitted sweep.
 
         The jitted sweep is ``sweep(rng_key, model_params, twist_params, arrays,
         reference)`` with ``arrays`` the program's array arguments and ``reference`` the
-        clamped sequence of a conditional sweep (None otherwise).
+        clamped sequence of a conditional sweep (None otherwise). A conditional sweep
+        accepts multinomial resampling only (or none).
         """
         arrays, static_key, rebuild = split_arguments(args, kwargs)
         entry = self._compiled.get((static_key, conditional))
@@ -176,7 +214,7 @@ class SMC:
         structure, jitted = entry
         twist = self._twist_for(structure)
         twist_params = split_twist(twist)[1] if twist is not None else None
-        return structure, jitted, arrays, twist_params
+        return CompiledProgram(structure, jitted, arrays, twist_params)
 
     def run(self, rng_key: jax.Array, *args, **kwargs) -> InferenceResult:
         """Run one sweep of ``program(*args, **kwargs)`` and return weighted particles."""
@@ -211,6 +249,7 @@ class SMC:
         keys = jax.random.split(rng_key, num_runs)
         many = jax.vmap(jitted, in_axes=(0, None, None, None, None))
         outputs = many(keys, model_params, twist_params, arrays, None)
+        check_output(outputs, self.name)
         return outputs.log_marginal
 
     def conditional_log_marginals(
@@ -237,6 +276,7 @@ class SMC:
         keys = jax.random.split(rng_key, references.shape[0])
         many = jax.vmap(jitted, in_axes=(0, None, None, None, 0))
         outputs = many(keys, model_params, twist_params, arrays, references)
+        check_output(outputs, self.name, conditional=True)
         return outputs.log_marginal
 
 

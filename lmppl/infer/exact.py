@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import next_token_log_weights, prefill
+from lmppl.decoding import prefill, teacher_force, token_log_weights
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, ProgramStructure, discover, run_prefix, run_suffix
 from lmppl.infer.result import InferenceResult
@@ -44,17 +44,8 @@ def token_log_probs(
     site = structure.lm_site
     rows, steps = sequences.shape
     state = prefill(site.model, params, prompt_tokens, prompt_length, rows, steps)
-    logits = state.logits[:, None]
-    if steps > 1:
-        out = site.model.apply(params, sequences[:, :-1], state.cache)
-        logits = jnp.concatenate([logits, out.logits], axis=1)
-    log_probs = next_token_log_weights(site.model, logits, site.temperature)
-    per_token = jnp.take_along_axis(log_probs, sequences[..., None], axis=-1)[..., 0]
-    if site.eos_token_id is None:
-        return per_token
-    is_eos = sequences == site.eos_token_id
-    after_eos = jnp.cumsum(is_eos, axis=-1) - is_eos > 0
-    return jnp.where(after_eos, jnp.where(is_eos, 0.0, -jnp.inf), per_token)
+    logits = teacher_force(site.model, params, state, sequences)
+    return token_log_weights(site.model, logits, sequences, site.temperature, site.eos_token_id)
 
 
 class ExactTwist:

@@ -13,6 +13,10 @@ A program is run through NumPyro's effect handlers (never parsed):
    returns ``log φ(s)``: the sum of the log-probabilities of every observed site and factor
    other than s (per-step potentials excluded when SMC already applied them), with the
    value of each site kept for NaN reports and with the values of later latent sites.
+4. :func:`step_potential_log_weights` runs one particle's program up to its last per-step
+   potential, with that particle's prefix values substituted, and evaluates each
+   potential ``log m_t(s_<t, ·)`` (a potential may read the latent sites sampled before
+   the LM site: each particle sees its own values).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ __all__ = [
     "discover",
     "run_prefix",
     "run_suffix",
-    "step_potential_functions",
+    "step_potential_log_weights",
 ]
 
 
@@ -60,10 +64,10 @@ class LMSite:
 
 @dataclasses.dataclass(frozen=True)
 class StepPotential:
-    """A per-step potential site: ``log_potential(prefix [T], t) -> [V]``."""
+    """A per-step potential site (its function ``log_potential(prefix [T], t) -> [V]`` is
+    read per particle by :func:`step_potential_log_weights`)."""
 
     name: str
-    log_potential: Callable[[jax.Array, jax.Array], jax.Array]
     eos_token_id: int | None
 
 
@@ -176,7 +180,7 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
             observed.append(name)
             step = msg.get("infer", {}).get(STEP_POTENTIAL_KEY)
             if step is not None:
-                log_potential, eos, sequence = step
+                _, eos, sequence = step
                 if sequence is not site_message["value"]:
                     raise ProgramError(
                         f"the per-step potential '{name}' must be applied to the latent LM "
@@ -187,7 +191,14 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
                         f"the per-step potential '{name}' has eos_token_id={eos} but the LM "
                         f"site '{lm_site.name}' ends at {lm_site.eos_token_id}"
                     )
-                steps.append(StepPotential(name, log_potential, eos))
+                if suffix_latent:
+                    raise ProgramError(
+                        f"the per-step potential '{name}' follows the latent site "
+                        f"'{suffix_latent[0]}' sampled after the LM site '{lm_site.name}'; "
+                        "SMC applies it while the sequence is generated, before that site "
+                        "exists: sample it before the LM site"
+                    )
+                steps.append(StepPotential(name, eos))
         elif isinstance(msg["fn"], LM):
             raise ProgramError(
                 f"the program has a second latent LM site '{name}' after '{lm_site.name}'; "
@@ -297,24 +308,49 @@ def run_suffix(
     return jax.vmap(one)(rng_keys, prefix_values, sequences)
 
 
-def step_potential_functions(
+class _StopAfter(Messenger):
+    """Stop the program once the site ``name`` has been recorded."""
+
+    def __init__(self, fn, name: str):
+        self.name = name
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["name"] == self.name:
+            raise _Stop
+
+
+def step_potential_log_weights(
     structure: ProgramStructure,
     program: Callable,
     args: tuple,
     kwargs: dict,
     model_params: tuple,
-    rng_key: jax.Array,
-) -> tuple[Callable, ...]:
-    """The per-step potentials' functions, collected inside the caller's trace.
+) -> Callable[[dict[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, ...]] | None:
+    """``log_weights(prefix_values, prefix, t) -> ([V], ...)``: one particle's ``log m_t^k``.
 
-    :func:`discover` traced the program abstractly; functions it saw may close over
-    that trace's values. Re-running the program here (its outputs unused, so the
-    compiler drops the computation) yields functions valid in the current trace.
+    The program is run with the particle's prefix values substituted and a placeholder for
+    the LM site, up to its last per-step potential (so no later site runs, and no random
+    key is needed: :func:`discover` refused latent sites between the LM site and a
+    per-step potential); each potential's function, collected in this trace, is evaluated
+    at ``(prefix [T], t)``. Map it over particles with ``jax.vmap``. Returns None when the
+    program has no per-step potential.
     """
     if not structure.step_potentials:
-        return ()
+        return None
     swapped = _with_params(program, structure.models, model_params)
-    marker = _FirstLatentLM(swapped)
-    with handlers.trace() as trace:
-        handlers.seed(marker, rng_key)(*args, **kwargs)
-    return tuple(trace[s.name]["infer"][STEP_POTENTIAL_KEY][0] for s in structure.step_potentials)
+    last = structure.step_potentials[-1].name
+
+    def log_weights(prefix_values, prefix, t):
+        marker = _FirstLatentLM(handlers.substitute(swapped, data=prefix_values))
+        with handlers.trace() as trace:
+            try:
+                _StopAfter(marker, last)(*args, **kwargs)
+            except _Stop:
+                pass
+        return tuple(
+            trace[s.name]["infer"][STEP_POTENTIAL_KEY][0](prefix, t)
+            for s in structure.step_potentials
+        )
+
+    return log_weights

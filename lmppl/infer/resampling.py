@@ -10,10 +10,11 @@ identity (there is nothing to resample and the caller reports a zero marginal).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
+from lmppl.types import Resampler
 
 __all__ = [
     "RESAMPLERS",
@@ -26,12 +27,6 @@ __all__ = [
     "stratified",
     "systematic",
 ]
-
-
-class Resampler(Protocol):
-    def __call__(
-        self, rng_key: jax.Array, log_weights: jax.Array, num_samples: int
-    ) -> jax.Array: ...
 
 
 def normalized_weights(log_weights: jax.Array) -> jax.Array:

@@ -102,6 +102,6 @@ class InferenceResult:
         backend, site, model and number of particles. Several runs as chains:
         :func:`lmppl.diagnostics.runs_to_arviz`.
         """
-        from lmppl.diagnostics import result_to_arviz
+        from lmppl.infer.arviz import result_to_arviz
 
         return result_to_arviz(self, resample_key=resample_key)

@@ -18,9 +18,11 @@ Two forms are accepted:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import jax
+
+from lmppl.types import ParametricTwist
 
 __all__ = ["ParametricTwist", "TwistInputs", "split_twist"]
 
@@ -46,13 +48,6 @@ class TwistInputs(NamedTuple):
     condition: Any = None
     prompt_tokens: jax.Array | None = None
     prompt_length: jax.Array | None = None
-
-
-@runtime_checkable
-class ParametricTwist(Protocol):
-    params: Any
-
-    def apply(self, params: Any, inputs: TwistInputs) -> jax.Array: ...
 
 
 def split_twist(twist: Any) -> tuple[Callable[[Any, TwistInputs], jax.Array], Any]:

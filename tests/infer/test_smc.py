@@ -28,6 +28,9 @@ BACKENDS = {
 }
 
 
+# Ẑ = 0 (every particle dead) is a legitimate draw of an unbiased estimator on the
+# threshold target; log_marginals reports those runs with a warning.
+@pytest.mark.filterwarnings("ignore:.*every particle has weight zero:RuntimeWarning")
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("name", ["soft_factor", "threshold", "infilling", "eos", "banned_tokens"])
 def test_marginal_likelihood_is_unbiased(name, backend):

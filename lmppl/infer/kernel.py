@@ -1,0 +1,428 @@
+"""The SMC kernel over a program's LM site, in BlackJAX's shape: ``init``, ``step``, ``finalize``.
+
+Intermediate targets (Zhao et al. 2024, Alg. 1) with twists ψ_t, per-step potentials
+m_t and final potential φ:
+
+    π_t(s_1:t) ∝ p0(s_1:t) · Π_{k<=t} m_k(s_1:k) · ψ_t(s_1:t),     π_T ∝ p0 · Π m · φ = σ̃.
+
+As a Feynman–Kac model (one step of the kernel per token, :func:`build_kernel`)::
+
+    init:      x_0^i = (prompt prefilled once, prefix latents z^i ~ prior), log W_0^i = 0
+    for t = 0 .. T-1:                                   # step(rng_key, state, t)
+        if t > 0 and ESS(W) < threshold · N:            # resample (conditional: i = 0 kept)
+            log Ẑ += log mean_i W^i ;  a ~ R(W) ;  x = x[a] ;  log W = 0
+        q_t(v) ∝ p0(v | s_<t) · m_t(s_<t, v; z^i) · ψ_t(s_<t, v)        # propose
+        s_t^i ~ q_t                                     # (conditional: s_t^0 = reference_t)
+        log W^i += log Σ_v p0 m_t ψ_t − log ψ_{t−1}(s_<t^i)             # G_t, token-free
+        feed s_t^i to the LM cache
+    finalize:  log W^i += log φ(s^i, z^i) − log ψ_T(s^i) ;  log Ẑ += log mean_i W^i
+
+The ESS rule is ``ess_threshold`` (``None``: never resample, importance sampling;
+``>= 1``: every step). Rows that emitted EOS are padded with EOS and carry weight 1 (and
+their twist value) from then on. A model with ``unnormalised_logits = True`` (see
+:mod:`lmppl.decoding`) has ``p̃0(s) = Π_t exp m_t(s_t)``: the same formulas hold with
+``p0(v | s_<t)`` read as ``exp m_t(v)`` (e.g. global DeRa targets
+``π_ref^(1−λ) π_aligned^λ φ`` exactly).
+
+Conditional SMC clamps particle 0 to a reference sequence and keeps its ancestry; the
+other particles are resampled from the conditional law of the scheme given that lineage.
+That law is ``a^0 = 0, a^i ~ iid Categorical(W)`` for multinomial resampling only, so a
+conditional run accepts only that scheme (or no resampling). With the reference an exact
+sample of σ, ``E[Z / Ẑ] = 1`` and ``E[log Ẑ] >= log Z`` (the upper bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from lmppl.decoding import DecodeState, advance, next_token_log_weights, prefill
+from lmppl.infer.program import (
+    ProgramError,
+    ProgramStructure,
+    run_prefix,
+    run_suffix,
+    step_potential_log_weights,
+)
+from lmppl.infer.proposal import propose
+from lmppl.infer.resampling import effective_sample_size, get_resampler, multinomial
+from lmppl.infer.twist import TwistInputs
+from lmppl.lm.base import reorder_cache
+
+__all__ = [
+    "BoundProgram",
+    "ParticleState",
+    "StepInfo",
+    "SweepOptions",
+    "SweepOutput",
+    "build_kernel",
+    "check_options",
+    "finalize",
+    "init",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOptions:
+    """Static settings of a sweep.
+
+    Attributes:
+      num_particles: N.
+      resampling: name of a scheme in :mod:`lmppl.infer.resampling` or a resampler.
+      ess_threshold: resample before a step when ``ESS < ess_threshold · N``; ``None``
+        never resamples (importance sampling); ``1.0`` or more resamples at every step.
+      particle_sharding: a ``jax.sharding.Sharding`` for particle-leading arrays, or None.
+      conditional: conditional SMC: particle 0 is clamped to a given reference sequence
+        through every step and keeps its own ancestry, only the other N − 1 particles are
+        resampled (multinomial resampling only). With the reference an exact sample of σ,
+        ``E[log Ẑ] >= log Z`` (the upper half of the bidirectional bounds).
+    """
+
+    num_particles: int
+    resampling: Any = "multinomial"
+    ess_threshold: float | None = 0.5
+    particle_sharding: Any = None
+    conditional: bool = False
+
+
+class BoundProgram(NamedTuple):
+    """A program with its (possibly traced) arguments, read as a sequential target."""
+
+    structure: ProgramStructure
+    program: Callable
+    args: tuple
+    kwargs: dict
+
+
+class ParticleState(NamedTuple):
+    """Carried from step to step (leading axis N = particles, except the prompt).
+
+    Fields:
+      decode: cache ``[N, ...]``, next-token logits ``[N, V]``, hidden ``[N, H]``.
+      tokens: ``[N, T]`` generated tokens (0 beyond the current step).
+      log_weights: ``[N]`` log-weights of the current resampling epoch.
+      log_psi: ``[N]`` log ψ of each particle's current prefix (0 without a twist).
+      done: ``[N]`` the row has emitted EOS.
+      prefix_values: ``{site: [N, ...]}`` latent sites sampled before the LM site.
+      log_marginal: ``[]`` Σ of log mean weights over closed resampling epochs.
+      prompt_tokens: ``[P]`` the LM site's prompt (right-padded), shared by all particles.
+      prompt_length: ``[]`` int32 its real length.
+    """
+
+    decode: DecodeState
+    tokens: jax.Array
+    log_weights: jax.Array
+    log_psi: jax.Array
+    done: jax.Array
+    prefix_values: dict
+    log_marginal: jax.Array
+    prompt_tokens: jax.Array
+    prompt_length: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """Per-step diagnostics (stacked over steps by the sweep's scan).
+
+    Fields:
+      ess: ``[]`` ESS of the weights before the step's resampling decision.
+      resampled: ``[]`` bool, whether the step resampled.
+      ancestors: ``[N]`` the ancestor of each particle (identity when not resampled).
+      log_weights: ``[N]`` log-weights of the current epoch after the step's increment
+        (for t < T, without φ): with no resampling, the SIS weights of π_t.
+    """
+
+    ess: jax.Array
+    resampled: jax.Array
+    ancestors: jax.Array
+    log_weights: jax.Array
+
+
+class SweepOutput(NamedTuple):
+    """Everything one sweep returns.
+
+    Fields:
+      tokens: ``[N, T]`` sampled sequences.
+      log_weights: ``[N]`` final log-weights (last epoch).
+      log_marginal: ``[]`` log Ẑ.
+      log_potential: ``[N]`` log φ of each sequence (final potential only).
+      site_log_probs: ``{site: [N]}`` log-probability of each observed site / factor.
+      latent_values: ``{site: [N, ...]}`` other latent and deterministic sites.
+      ess: ``[T + 1]`` ESS before each step's resampling and of the final weights.
+      resampled: ``[T]`` bool.
+      ancestors: ``[T, N]``.
+      log_weight_history: ``[T, N]`` each step's log-weights (see :class:`StepInfo`).
+      prompt_tokens: ``[P]`` the LM site's prompt (right-padded).
+      prompt_length: ``[]`` int32 its real length.
+    """
+
+    tokens: jax.Array
+    log_weights: jax.Array
+    log_marginal: jax.Array
+    log_potential: jax.Array
+    site_log_probs: dict
+    latent_values: dict
+    ess: jax.Array
+    resampled: jax.Array
+    ancestors: jax.Array
+    log_weight_history: jax.Array
+    prompt_tokens: jax.Array
+    prompt_length: jax.Array
+
+
+def _log_mean_exp(log_weights: jax.Array) -> jax.Array:
+    return logsumexp(log_weights) - jnp.log(log_weights.shape[0])
+
+
+def _constrain(state: ParticleState, sharding: Any, num_particles: int) -> ParticleState:
+    """Place the particle-leading fields of ``state`` with ``sharding`` (prompt replicated)."""
+    if sharding is None:
+        return state
+
+    def leaf(x):
+        if hasattr(x, "shape") and x.ndim >= 1 and x.shape[0] == num_particles:
+            return jax.lax.with_sharding_constraint(x, sharding)
+        return x
+
+    shared = ("prompt_tokens", "prompt_length")
+    placed = {
+        name: jax.tree.map(leaf, value)
+        for name, value in state._asdict().items()
+        if name not in shared
+    }
+    return state._replace(**placed)
+
+
+def _lm_params(structure: ProgramStructure, model_params: tuple) -> Any:
+    return model_params[structure.models.index(structure.lm_site.model)]
+
+
+def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
+    """Refuse settings the kernel cannot run exactly (one-line :class:`ProgramError`)."""
+    if not options.conditional:
+        return
+    if structure.prefix_sites:
+        raise ProgramError(
+            "conditional SMC clamps the LM site only; the program samples latent sites "
+            "before it: " + ", ".join(structure.prefix_sites)
+        )
+    resampler = options.resampling
+    if options.ess_threshold is not None and resampler not in ("multinomial", multinomial):
+        name = (
+            resampler
+            if isinstance(resampler, str)
+            else getattr(resampler, "__name__", "a custom resampler")
+        )
+        raise ProgramError(
+            f"conditional SMC needs multinomial resampling (the only scheme whose law given the "
+            f"clamped reference's lineage is implemented); got {name!r}"
+        )
+
+
+def init(
+    rng_key: jax.Array, target: BoundProgram, model_params: tuple, num_particles: int
+) -> ParticleState:
+    """Run every particle's program up to the LM site and prefill its prompt once.
+
+    ``rng_key`` is split into one key per particle for the latent sites sampled before the
+    LM site (their values are carried by each particle).
+    """
+    structure = target.structure
+    site = structure.lm_site
+    prefix_values, prompt_tokens, prompt_length = run_prefix(
+        structure,
+        target.program,
+        target.args,
+        target.kwargs,
+        model_params,
+        jax.random.split(rng_key, num_particles),
+    )
+    decode = prefill(
+        site.model,
+        _lm_params(structure, model_params),
+        prompt_tokens,
+        prompt_length,
+        num_particles,
+        site.max_new_tokens,
+    )
+    return ParticleState(
+        decode=decode,
+        tokens=jnp.zeros((num_particles, site.max_new_tokens), jnp.int32),
+        log_weights=jnp.zeros((num_particles,), jnp.float32),
+        log_psi=jnp.zeros((num_particles,), jnp.float32),
+        done=jnp.zeros((num_particles,), bool),
+        prefix_values=prefix_values,
+        log_marginal=jnp.zeros((), jnp.float32),
+        prompt_tokens=prompt_tokens,
+        prompt_length=prompt_length,
+    )
+
+
+def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
+    """Close the epoch (``log Ẑ += log mean W``) and gather every particle field."""
+    gather = lambda tree: jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), tree)
+    return state._replace(
+        decode=DecodeState(
+            reorder_cache(state.decode.cache, ancestors),
+            gather(state.decode.logits),
+            gather(state.decode.hidden),
+        ),
+        tokens=gather(state.tokens),
+        log_weights=jnp.zeros_like(state.log_weights),
+        log_psi=gather(state.log_psi),
+        done=gather(state.done),
+        prefix_values=gather(state.prefix_values),
+        log_marginal=state.log_marginal + _log_mean_exp(state.log_weights),
+    )
+
+
+def build_kernel(
+    target: BoundProgram,
+    model_params: tuple,
+    options: SweepOptions,
+    twist_apply: Callable[[Any, TwistInputs], jax.Array] | None = None,
+    twist_params: Any = None,
+    condition: Any = None,
+    reference: jax.Array | None = None,
+) -> Callable[[jax.Array, ParticleState, jax.Array], tuple[ParticleState, StepInfo]]:
+    """``step(rng_key, state, t) -> (state, info)``: resample, propose, weight, feed.
+
+    Args:
+      target: the program and its arguments.
+      model_params: parameters aligned with ``target.structure.models``.
+      options: static settings (:func:`check_options` must accept them).
+      twist_apply: ``twist_apply(twist_params, TwistInputs) -> [N, V]`` log ψ_t, or None.
+      twist_params: the twist's parameters.
+      condition: handed to the twist as ``TwistInputs.condition``.
+      reference: ``[T]`` the clamped sequence of a conditional sweep (None otherwise).
+    """
+    structure = target.structure
+    check_options(structure, options)
+    site = structure.lm_site
+    model = site.model
+    lm_params = _lm_params(structure, model_params)
+    num = options.num_particles
+    eos = site.eos_token_id
+    resampler = get_resampler(options.resampling)
+    threshold = options.ess_threshold
+    normalised = not bool(getattr(model, "unnormalised_logits", False))
+    step_log_weights = step_potential_log_weights(
+        structure, target.program, target.args, target.kwargs, model_params
+    )
+    if step_log_weights is not None:
+        step_log_weights = jax.vmap(step_log_weights, in_axes=(0, 0, None))
+
+    def resample_branch(state: ParticleState, rng_key):
+        ancestors = resampler(rng_key, state.log_weights, num)
+        if options.conditional:
+            ancestors = ancestors.at[0].set(0)
+        return _resample(state, ancestors), ancestors
+
+    def keep_branch(state: ParticleState, rng_key):
+        return state, jnp.arange(num, dtype=jnp.int32)
+
+    def step(rng_key: jax.Array, state: ParticleState, t: jax.Array):
+        resample_key, sample_key = jax.random.split(rng_key)
+        ess = effective_sample_size(state.log_weights)
+        if threshold is None:
+            resampled = jnp.zeros((), bool)
+            ancestors = jnp.arange(num, dtype=jnp.int32)
+        else:
+            resampled = (t > 0) & ((threshold >= 1.0) | (ess < threshold * num))
+            state, ancestors = jax.lax.cond(
+                resampled, resample_branch, keep_branch, state, resample_key
+            )
+
+        log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
+        potentials: tuple[jax.Array, ...] = ()
+        if step_log_weights is not None:
+            potentials = step_log_weights(state.prefix_values, state.tokens, t)
+        log_psi_next = None
+        if twist_apply is not None:
+            inputs = TwistInputs(
+                state.decode.hidden,
+                state.tokens,
+                t,
+                condition,
+                state.prompt_tokens,
+                state.prompt_length,
+            )
+            log_psi_next = twist_apply(twist_params, inputs).astype(jnp.float32)
+        log_q, increment = propose(
+            log_p0, potentials, log_psi_next, state.log_psi, normalised=normalised
+        )
+        token = jax.random.categorical(sample_key, log_q).astype(jnp.int32)
+        if options.conditional:
+            assert reference is not None, "a conditional sweep needs its reference [T]"
+            token = token.at[0].set(reference[t])
+        new_log_psi = (
+            jnp.take_along_axis(log_psi_next, token[:, None], axis=1)[:, 0]
+            if log_psi_next is not None
+            else state.log_psi
+        )
+        if eos is not None:
+            increment = jnp.where(state.done, 0.0, increment)
+            new_log_psi = jnp.where(state.done, state.log_psi, new_log_psi)
+        decode, token, done = advance(model, lm_params, state.decode, token, state.done, eos)
+        new_state = state._replace(
+            decode=decode,
+            tokens=state.tokens.at[:, t].set(token),
+            log_weights=state.log_weights + increment,
+            log_psi=new_log_psi,
+            done=done,
+        )
+        new_state = _constrain(new_state, options.particle_sharding, num)
+        return new_state, StepInfo(ess, resampled, ancestors, new_state.log_weights)
+
+    return step
+
+
+def finalize(
+    rng_key: jax.Array,
+    target: BoundProgram,
+    model_params: tuple,
+    state: ParticleState,
+    info: StepInfo,
+) -> SweepOutput:
+    """Weight by the final potential and close the last epoch.
+
+    ``log W^i += log φ(s^i) − log ψ_T(s^i)`` (φ: every observed site and factor except the
+    per-step potentials the kernel applied) and ``log Ẑ += log mean_i W^i``. ``rng_key`` is
+    split into one key per particle for latent sites after the LM site; ``info`` holds the
+    steps' :class:`StepInfo` stacked ``[T, ...]``.
+    """
+    num = state.log_weights.shape[0]
+    log_potential, site_log_probs, later = run_suffix(
+        target.structure,
+        target.program,
+        target.args,
+        target.kwargs,
+        model_params,
+        jax.random.split(rng_key, num),
+        state.prefix_values,
+        state.tokens,
+        include_step_potentials=False,
+    )
+    log_weights = jnp.where(
+        jnp.isneginf(state.log_psi),
+        -jnp.inf,
+        state.log_weights + log_potential - state.log_psi,
+    )
+    return SweepOutput(
+        tokens=state.tokens,
+        log_weights=log_weights,
+        log_marginal=state.log_marginal + _log_mean_exp(log_weights),
+        log_potential=log_potential,
+        site_log_probs=site_log_probs,
+        latent_values={**state.prefix_values, **later},
+        ess=jnp.concatenate([info.ess, effective_sample_size(log_weights)[None]]),
+        resampled=info.resampled,
+        ancestors=info.ancestors,
+        log_weight_history=info.log_weights,
+        prompt_tokens=state.prompt_tokens,
+        prompt_length=state.prompt_length,
+    )

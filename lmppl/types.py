@@ -1,0 +1,98 @@
+"""The declared interfaces of lmppl's parts, as ``typing.Protocol``s (one per kind of part).
+
+Every implementation in the library is checked against its Protocol by
+``tests/language/test_types.py`` (structure with ``isinstance`` and behaviour with a call
+on tiny inputs). Shapes: N particles (or rows), T new tokens, V vocabulary entries.
+
+* :class:`LanguageModelLike` — a decoder with a static-shape cache: ``apply(params,
+  tokens [B, S], cache, token_counts) -> LMOutput`` (logits ``[B, S, V]``, hidden
+  ``[B, S, H]``, the advanced cache). ``LanguageModel`` and DeRa's ``Realigned``.
+* :class:`TwistFunction` — a fixed twist ``twist(inputs) -> [N, V]`` log ψ_{t+1}.
+* :class:`ParametricTwist` — a learned twist: ``params`` and ``apply(params, inputs)``.
+* :class:`TwistLossFunction` — ``loss(samples) -> (scalar, metrics)`` of twist learning.
+* :class:`StepPotentialFunction` — ``log_potential(prefix [T], t) -> [V]`` of a per-step
+  factor (:func:`lmppl.potentials.step_factor`).
+* :class:`Resampler` — ``resampler(rng_key, log_weights [N], num_samples) -> [num_samples]``
+  ancestor indices (:mod:`lmppl.infer.resampling`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+
+__all__ = [
+    "LanguageModelLike",
+    "ParametricTwist",
+    "Resampler",
+    "StepPotentialFunction",
+    "TwistFunction",
+    "TwistLossFunction",
+]
+
+
+@runtime_checkable
+class LanguageModelLike(Protocol):
+    """What inference asks of a language model (``lmppl.LM``'s ``model``)."""
+
+    name: str
+    params: Any
+    tokenizer: Any
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> Any:
+        """An empty cache of ``batch_size`` rows and ``max_length`` positions."""
+        ...
+
+    def apply(
+        self, params: Any, tokens: jax.Array, cache: Any, token_counts: jax.Array | None = None
+    ) -> Any:
+        """``LMOutput(logits [B, S, V], hidden [B, S, H], cache)`` for ``tokens [B, S]``."""
+        ...
+
+
+@runtime_checkable
+class TwistFunction(Protocol):
+    """A fixed twist: ``[N, V]`` log ψ_{t+1}(s_1:t, v) from ``TwistInputs``."""
+
+    def __call__(self, inputs: Any) -> jax.Array: ...
+
+
+@runtime_checkable
+class ParametricTwist(Protocol):
+    """A learned twist whose parameters enter the jitted sweep as arguments."""
+
+    params: Any
+
+    def apply(self, params: Any, inputs: Any) -> jax.Array:
+        """``[N, V]`` log ψ_{t+1}(s_1:t, v) at step ``inputs.step``."""
+        ...
+
+
+@runtime_checkable
+class TwistLossFunction(Protocol):
+    """``loss({kind: Samples}) -> (loss [], {metric: []})``; kinds: proposal, base, target."""
+
+    def __call__(self, samples: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+@runtime_checkable
+class StepPotentialFunction(Protocol):
+    """``[V]`` log m_t(s_<t, v) of every candidate token; reads only ``prefix[:t]``."""
+
+    def __call__(self, prefix: jax.Array, t: jax.Array) -> jax.Array: ...
+
+
+@runtime_checkable
+class Resampler(Protocol):
+    """``[num_samples]`` int32 ancestors; unbiased: E[#offspring of i] = num_samples · w_i."""
+
+    def __call__(
+        self, rng_key: jax.Array, log_weights: jax.Array, num_samples: int
+    ) -> jax.Array: ...
