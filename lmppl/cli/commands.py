@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from lmppl.cli.errors import UsageError
-from lmppl.cli.output import _key, _out_prefix, _print, _with_suffix, format_samples, write_result
+from lmppl.cli.output import (
+    _key,
+    _out_prefix,
+    _print,
+    _with_suffix,
+    check_output_path,
+    format_samples,
+    write_result,
+)
 from lmppl.cli.targets import parse_options, resolve_target
 from lmppl.cli.twist_files import _condition_length, _twist_line, load_task_twist, make_backend
 
@@ -25,6 +33,8 @@ def cmd_sample(options: argparse.Namespace) -> int:
     out = Path(options.out).expanduser() if options.out else None
     if out is not None and out.suffix not in (".json", ".nc"):
         raise UsageError(f"--out must end in .json or .nc, got {options.out}")
+    if out is not None:
+        check_output_path(out)
     backend = options.backend or ("twisted" if options.twist else "smc")
     if options.twist and backend != "twisted":
         raise UsageError(f"--twist is used by --backend twisted, not {backend}")
@@ -156,6 +166,7 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
             raise UsageError(f"--{name} must be a positive integer")
     if not options.lr > 0:
         raise UsageError("--lr must be positive")
+    check_output_path(Path(options.out).expanduser(), folder=True)
     task = resolve_target(options.target, parse_options(options.set))
     _print(f"task: {task.name} — {task.description or task.program.__name__}")
     output = "log_sigmoid" if options.method == "fudge" else "log"
@@ -269,6 +280,7 @@ def cmd_bounds(options: argparse.Namespace) -> int:
             "enumerate (tiny models) or --exact rejection (φ ≤ 1)"
         )
     prefix = _out_prefix(options.out)
+    check_output_path(_with_suffix(prefix, ".md"))
     _print(f"task: {task.name} — {task.description or task.program.__name__}")
     twist = None
     if options.twist:

@@ -4,12 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["format_samples", "write_result"]
+__all__ = ["check_output_path", "format_samples", "write_result"]
+
+
+def check_output_path(path: Path, *, folder: bool = False) -> None:
+    """Fail before any compute when ``path`` cannot be written: a file where a folder is
+    needed (or the reverse), or an existing ancestor that is a file or not writable."""
+    from lmppl.cli.errors import UsageError
+
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise UsageError(f"--out {path} is {kind}; expected {'a folder' if folder else 'a file'}")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--out {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: {ancestor} is not writable")
 
 
 def _texts(result: Any, tokens: np.ndarray) -> list[str]:

@@ -481,3 +481,19 @@ def test_train_twist_checkpoints_and_resumes(capsys, tmp_path):
     assert "resuming from" in out and "step_0000004.npz" in out
     info = lmppl.twists.read_twist_info(tmp_path / "twist.npz")
     assert info["history"]["step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_unwritable_out_fails_before_any_compute(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cases = [
+        (["sample", f"{TINY}:TASK", "--out", blocker / "run.json"], "is a file, not a folder"),
+        (["sample", f"{TINY}:TASK", "--out", tmp_path], "must end in .json or .nc"),
+        (["train-twist", f"{TINY}:TASK", "--method", "ctl", "--out", blocker], "is a file"),
+        (["bounds", f"{TINY}:TASK", "--exact", "enumerate", "--out", blocker / "b"], "is a file"),
+    ]
+    for argv, fragment in cases:
+        code, out, err = run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert_one_line_error(err, fragment)
+        assert "exact samples" not in out and "training" not in out
