@@ -12,6 +12,7 @@ toxicity-classifier    φ = p(toxic | s), T = 20                              re
 sentiment              φ = p(strongly negative | "I bought this" + s), T=10  rejection
 infilling              φ = p0(ending | s), T = 15, c = 10                    joint
 infilling-small        φ = p0(ending | s), T = 2, c = 1                      joint
+infilling-fixed        φ = p0(" a little g" | s), T = 4 (one fixed ending)    rejection
 =====================  ====================================================  ==========
 """
 
@@ -26,4 +27,5 @@ TASKS = {
     "sentiment": sentiment.sentiment,
     "infilling": infilling.infilling,
     "infilling-small": infilling.infilling_small,
+    "infilling-fixed": infilling.infilling_fixed,
 }
