@@ -115,12 +115,18 @@ def test_baselines_train_toward_the_target(method):
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_to_the_same_parameters(tmp_path):
+def _resumable_run():
+    """The short target, a fresh-twist factory and fit options shared by the resume tests."""
     program, args = TARGETS["short"]
     make = lambda: lmppl.twists.MLPTwist(lmppl.infer.discover(program, args, {}).lm_site.model, 8)
     options = dict(
         num_particles=16, learning_rate=1e-2, rng_key=jax.random.key(4), args=args, progress=False
     )
+    return program, make, options
+
+
+def test_checkpoints_resume_to_the_same_parameters(tmp_path):
+    program, make, options = _resumable_run()
     straight, straight_history = lmppl.twists.fit(program, make(), "ctl", num_steps=6, **options)
     first, _ = lmppl.twists.fit(
         program, make(), "ctl", num_steps=4, checkpoint_dir=tmp_path, checkpoint_every=2, **options
@@ -246,11 +252,7 @@ def test_transformer_twist_trains_on_stories260k():
 def test_resume_skips_partial_and_unreadable_checkpoints(tmp_path):
     """A write killed midway (a leftover partial file, a truncated ``step_*.npz``) never
     blocks a resume: names are matched exactly and unreadable files are skipped."""
-    program, args = TARGETS["short"]
-    make = lambda: lmppl.twists.MLPTwist(lmppl.infer.discover(program, args, {}).lm_site.model, 8)
-    options = dict(
-        num_particles=16, learning_rate=1e-2, rng_key=jax.random.key(4), args=args, progress=False
-    )
+    program, make, options = _resumable_run()
     straight, straight_history = lmppl.twists.fit(program, make(), "ctl", num_steps=6, **options)
     lmppl.twists.fit(
         program, make(), "ctl", num_steps=4, checkpoint_dir=tmp_path, checkpoint_every=2, **options
