@@ -116,9 +116,7 @@ def main(argv=None):
     structure, sweep, arrays, _ = lmppl.infer.SMC(story, num_particles).compile()
 
     def run_at(lam, key):
-        params = tuple(
-            mixture.with_lam(m.params, lam) if m is mixture else m.params for m in structure.models
-        )
+        params = structure.model_params({mixture.name: mixture.with_lam(mixture.params, lam)})
         output = sweep(key, params, None, arrays, None)
         return output.tokens, output.log_weights, output.log_marginal
 

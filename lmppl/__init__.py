@@ -5,8 +5,9 @@ potential is a ``numpyro.factor`` or an observed site (:mod:`lmppl.potentials`);
 inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handlers.
 """
 
-from lmppl import diagnostics, evaluation, infer, plots, potentials, scorers, tnt, twists
+from lmppl import diagnostics, evaluation, infer, potentials, scorers, tnt, training, twists
 from lmppl.distribution import LM
+from lmppl.evaluation import plots
 from lmppl.generate import Generation, generate
 from lmppl.lm import LanguageModel, ModelConfig, load, random_lm, table_lm
 from lmppl.prompt import concat
@@ -34,5 +35,6 @@ __all__ = [
     "table_lm",
     "task_factory",
     "tnt",
+    "training",
     "twists",
 ]

@@ -11,7 +11,7 @@ other token after its first EOS has probability zero. With ``stop_at_eos=False``
 an ordinary token and every sequence has exactly ``T`` free tokens (the fixed-length
 generation of the paper's tasks).
 
-A model with ``unnormalised_logits = True`` (``lmppl.realign(..., mode="global")``)
+A model that is not ``locally_normalised`` (``lmppl.realign(..., mode="global")``)
 defines an unnormalised sequence target: ``log_prob`` is ``log p̃0(s) = Σ_t m_t(s_t)``
 with ``m_t`` its raw logits, ``sample`` draws from the per-step law ``softmax(m_t)``,
 and the inference backends weight those draws to p̃0 (see :mod:`lmppl.decoding`).
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution, constraints
 
-from lmppl.decoding import sample_tokens, score_tokens
+from lmppl.decoding import check_temperature, sample_tokens, score_tokens
 from lmppl.lm.base import LanguageModel
 from lmppl.prompt import resolve_prompt
 
@@ -80,11 +80,7 @@ class LM(Distribution):
                 f"temperature must be a positive number, got {temperature!r} "
                 "(for greedy decoding use lmppl.generate(..., temperature=0))"
             )
-        if getattr(lm, "unnormalised_logits", False) and temperature != 1:
-            raise ValueError(
-                f"{lm.name} has unnormalised sequence-level logits: temperature must be 1, "
-                f"got {temperature}"
-            )
+        check_temperature(lm, temperature)
         tokens, length = resolve_prompt(prompt, lm.tokenizer, lm.vocab_size)
         if tokens.shape[-1] + max_new_tokens > lm.context_length:
             raise ValueError(
@@ -113,11 +109,7 @@ class LM(Distribution):
     @property
     def eos_token_id(self) -> int | None:
         """The token that ends a sequence, or ``None`` when ``stop_at_eos`` is off."""
-        if not self.stop_at_eos:
-            return None
-        tokenizer = self.model.tokenizer
-        eos = tokenizer.eos_token_id if tokenizer is not None else None
-        return self.model.config.eos_token_id if eos is None else eos
+        return self.model.eos_token_id if self.stop_at_eos else None
 
     def with_params(self, params: Any) -> LM:
         """The same distribution evaluated with other model parameters."""

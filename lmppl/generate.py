@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from lmppl.decoding import sample_tokens
+from lmppl.decoding import check_temperature, sample_tokens, trim_at_eos
 from lmppl.lm.base import LanguageModel
 from lmppl.prompt import resolve_prompt
 
@@ -42,7 +42,8 @@ def generate(
     """Sample ``num_samples`` continuations (``temperature=0``: greedy) in one batched scan.
 
     The prompt (text or token ids) is prefilled once and broadcast to all rows; each
-    step decodes ``[N, 1]`` tokens against the ``[N, P + T, ...]`` cache.
+    step decodes ``[N, 1]`` tokens against the ``[N, P + T, ...]`` cache. Sampling
+    (``temperature > 0``) needs ``rng_key``; greedy decoding needs none.
     """
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("num_samples and max_new_tokens must be at least 1")
@@ -56,11 +57,17 @@ def generate(
             f"the prompt ({tokens.shape[-1]} tokens) plus max_new_tokens={max_new_tokens} "
             f"exceeds the context length {lm.context_length} of {lm.name}"
         )
-    eos = None
-    if stop_at_eos:
-        eos = lm.tokenizer.eos_token_id if lm.tokenizer is not None else lm.config.eos_token_id
+    check_temperature(lm, temperature)
+    if rng_key is None:
+        if temperature != 0:
+            raise ValueError(
+                f"generate samples at temperature {temperature}: give rng_key="
+                "jax.random.key(...) (only greedy decoding, temperature=0, needs no key)"
+            )
+        rng_key = jax.random.key(0)  # unused by greedy decoding
+    eos = lm.eos_token_id if stop_at_eos else None
     out, log_probs = sample_tokens(
-        jax.random.key(0) if rng_key is None else rng_key,
+        rng_key,
         lm.params,
         tokens,
         length,
@@ -72,9 +79,5 @@ def generate(
     )
     texts = None
     if lm.tokenizer is not None:
-        texts = []
-        for row in np.asarray(out).tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(lm.tokenizer.decode(row))
+        texts = [lm.tokenizer.decode(trim_at_eos(row, eos)) for row in np.asarray(out).tolist()]
     return Generation(out, log_probs, texts)

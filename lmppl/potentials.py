@@ -27,7 +27,7 @@ import numpy as np
 import numpyro
 from numpyro.distributions.distribution import Unit
 
-from lmppl.decoding import valid_mask
+from lmppl.decoding import trim_at_eos, valid_mask
 from lmppl.lm.base import Tokenizer
 
 __all__ = [
@@ -64,13 +64,8 @@ def threshold(
 
 def _decode_rows(tokens: np.ndarray, tokenizer: Tokenizer) -> list[str]:
     eos = tokenizer.eos_token_id
-    texts = []
-    for row in tokens.reshape(-1, tokens.shape[-1]):
-        row = row.tolist()
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row))
-    return texts
+    rows = tokens.reshape(-1, tokens.shape[-1]).tolist()
+    return [tokenizer.decode(trim_at_eos(row, eos)) for row in rows]
 
 
 def text(

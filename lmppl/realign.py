@@ -23,7 +23,7 @@ Two modes give two targets:
       σ_λ(s) = π_ref(s)^(1−λ) π_aligned(s)^λ / Z_λ,    π(s) = Π_t π(s_t | s_<t),
 
   which is the KL-regularised optimum at strength β/λ when ``aligned`` is the optimum at
-  β. The model sets ``unnormalised_logits = True``: its logits are read as per-token
+  β. The model is not ``locally_normalised``: its logits are read as per-token
   log-weights of the unnormalised target, ``log p̃0(s) = Σ_t m_t(s_t) = (1−λ) log
   π_ref(s) + λ log π_aligned(s)`` (see :mod:`lmppl.decoding`). ``LM.log_prob``, ``Exact``
   and NumPyro's ``log_density`` therefore see p̃0; ``Exact``'s ``log_marginal`` is
@@ -40,11 +40,10 @@ is one ``jax.vmap`` over parameters, e.g.::
     log_p = jax.vmap(lambda lam: lmppl.LM(r, prompt, T, params=r.with_lam(r.params, lam))
                      .log_prob(tokens))(lams)
 
-    # SMC: vmap the compiled sweep (its model parameters: one entry per structure.models).
+    # SMC: vmap the compiled sweep (its model parameters: a dict keyed by model name).
     structure, sweep, arrays, _ = lmppl.infer.SMC(program, N).compile()
     def log_z(lam, key):
-        params = tuple(r.with_lam(r.params, lam) if m is r else m.params
-                       for m in structure.models)
+        params = structure.model_params({r.name: r.with_lam(r.params, lam)})
         return sweep(key, params, None, arrays, None).log_marginal
     log_zs = jax.vmap(log_z)(lams, keys)
 
@@ -132,12 +131,6 @@ def mix_logits(lam: jax.Array, ref_logits: jax.Array, aligned_logits: jax.Array)
     return _scaled(lam, log_aligned) + _scaled(1.0 - lam, log_ref)
 
 
-def _effective_eos(model: Any) -> int | None:
-    tokenizer = model.tokenizer
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    return model.config.eos_token_id if eos is None else eos
-
-
 def _outcome(call, *args) -> Any:
     """The result of ``call(*args)``, or the name of the exception it raised."""
     try:
@@ -150,8 +143,8 @@ def _vocabulary_problem(ref: Any, aligned: Any) -> str | None:
     """Why the two models do not share a vocabulary, or None when they do."""
     if ref.vocab_size != aligned.vocab_size:
         return f"vocab_size {ref.vocab_size} (ref) vs {aligned.vocab_size} (aligned)"
-    if _effective_eos(ref) != _effective_eos(aligned):
-        return f"EOS id {_effective_eos(ref)} (ref) vs {_effective_eos(aligned)} (aligned)"
+    if ref.eos_token_id != aligned.eos_token_id:
+        return f"EOS id {ref.eos_token_id} (ref) vs {aligned.eos_token_id} (aligned)"
     a, b = ref.tokenizer, aligned.tokenizer
     if a is None or b is None or a is b:
         return None
@@ -180,8 +173,9 @@ class Realigned:
     Attributes:
       ref, aligned: the two loaded models.
       mode: ``"token"`` or ``"global"``.
-      unnormalised_logits: True in global mode (the logits are per-token log-weights of
-        the sequence target ``π_ref^(1−λ) π_aligned^λ``).
+      locally_normalised: False in global mode (the logits are per-token log-weights of
+        the sequence target ``π_ref^(1−λ) π_aligned^λ``, see
+        :meth:`next_token_log_weights`).
       params: :class:`RealignParams` ``(ref, aligned, lam)``.
       config: the reference's config with the shorter context length.
       tokenizer: the reference's tokenizer (the aligned one's if the reference has none).
@@ -195,7 +189,7 @@ class Realigned:
                 raise TypeError(
                     f"realign needs loaded language models; {role} is {type(model).__name__}"
                 )
-            if getattr(model, "unnormalised_logits", False):
+            if not model.locally_normalised:
                 raise ValueError(f"cannot realign {model.name}: its logits are unnormalised")
         problem = _vocabulary_problem(ref, aligned)
         if problem is not None:
@@ -207,7 +201,6 @@ class Realigned:
         self.ref = ref
         self.aligned = aligned
         self.mode = mode
-        self.unnormalised_logits = mode == "global"
         self.config = ref.config.replace(
             context_length=min(ref.context_length, aligned.context_length)
         )
@@ -234,6 +227,32 @@ class Realigned:
     @property
     def dtype(self) -> jnp.dtype:
         return self.ref.dtype
+
+    @property
+    def locally_normalised(self) -> bool:
+        """False in global mode: the logits are per-token log-weights m_t, not normalised."""
+        return self.mode == "token"
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The reference's EOS (both models share it, checked by :func:`realign`)."""
+        return self.ref.eos_token_id
+
+    def next_token_log_weights(self, logits: jax.Array, temperature: float) -> jax.Array:
+        """``[..., V]`` float32 per-token log-weights of the target.
+
+        Token mode: ``log softmax(logits / temperature)`` (an ordinary model). Global mode:
+        the mixed logits themselves, ``m_t = λ log π_aligned + (1 − λ) log π_ref``, whose
+        product over steps is the sequence target (temperature must be 1).
+        """
+        if self.locally_normalised:
+            return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+        if temperature != 1:
+            raise ValueError(
+                f"{self.name} has unnormalised sequence-level logits: temperature must be 1, "
+                f"got {temperature}"
+            )
+        return logits.astype(jnp.float32)
 
     @property
     def lam(self) -> jax.Array:

@@ -6,7 +6,10 @@ on tiny inputs). Shapes: N particles (or rows), T new tokens, V vocabulary entri
 
 * :class:`LanguageModelLike` — a decoder with a static-shape cache: ``apply(params,
   tokens [B, S], cache, token_counts) -> LMOutput`` (logits ``[B, S, V]``, hidden
-  ``[B, S, H]``, the advanced cache). ``LanguageModel`` and DeRa's ``Realigned``.
+  ``[B, S, H]``, the advanced cache); it owns its EOS rule (``eos_token_id``) and how its
+  logits become per-token log-weights (``next_token_log_weights``; ``locally_normalised``
+  False for a sequence-level target such as global DeRa). ``LanguageModel`` and DeRa's
+  ``Realigned``.
 * :class:`TwistFunction` — a fixed twist ``twist(inputs) -> [N, V]`` log ψ_{t+1}.
 * :class:`ParametricTwist` — a learned twist: ``params`` and ``apply(params, inputs)``.
 * :class:`TwistLossFunction` — ``loss(samples) -> (scalar, metrics)`` of twist learning.
@@ -45,6 +48,20 @@ class LanguageModelLike(Protocol):
 
     @property
     def context_length(self) -> int: ...
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The token that ends a sequence (None: the model has none)."""
+        ...
+
+    @property
+    def locally_normalised(self) -> bool:
+        """True when ``next_token_log_weights`` sums to one over the vocabulary."""
+        ...
+
+    def next_token_log_weights(self, logits: jax.Array, temperature: float) -> jax.Array:
+        """``[..., V]`` float32 log p0(v | s_<t) (or the log-weights m_t(v)) from logits."""
+        ...
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any | None = None) -> Any:
         """An empty cache of ``batch_size`` rows and ``max_length`` positions."""

@@ -66,7 +66,7 @@ every = jnp.asarray(list(itertools.product(range(ref.vocab_size), repeat=T)), jn
 token_mode = lmppl.realign(ref, aligned, 0.5)
 global_mode = lmppl.realign(ref, aligned, 0.5, mode="global")
 print(token_mode)
-print(global_mode, " unnormalised:", global_mode.unnormalised_logits)
+print(global_mode, " locally normalised:", global_mode.locally_normalised)
 
 # %% [markdown]
 # λ = 0 is the reference and λ = 1 the aligned model, in both modes:

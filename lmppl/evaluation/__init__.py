@@ -7,8 +7,11 @@
 * :mod:`~lmppl.evaluation.diagnose` — ``diagnose``: bounds, gap, ESS and a plain-language
   verdict on whether a sampler's answer can be trusted.
 * :mod:`~lmppl.evaluation.kl` — ``KL(q‖σ)`` and ``KL(σ‖q)`` (Zhao et al. 2024, Eq. 23).
+* :mod:`~lmppl.evaluation.plots` — bounds against K, ESS over steps, weight histograms
+  (also reachable as ``lmppl.plots``).
 """
 
+from lmppl.evaluation import plots
 from lmppl.evaluation.bounds import BoundsRow, BoundsTable, group_by_condition, log_z_bounds
 from lmppl.evaluation.diagnose import Diagnosis, diagnose
 from lmppl.evaluation.intervals import Interval, mean_interval
@@ -36,5 +39,6 @@ __all__ = [
     "kl_estimates",
     "log_z_bounds",
     "mean_interval",
+    "plots",
     "rejection_sample",
 ]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import prefill, teacher_force, token_log_weights
+from lmppl.decoding import force_rows, token_log_weights
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, ProgramStructure, discover, run_prefix, run_suffix
 from lmppl.infer.result import InferenceResult
@@ -42,9 +42,7 @@ def token_log_probs(
 ) -> jax.Array:
     """Per-token ``log p0(s_t | s_<t)`` ``[M, T]`` for sequences ``[M, T]`` (EOS padding → 0)."""
     site = structure.lm_site
-    rows, steps = sequences.shape
-    state = prefill(site.model, params, prompt_tokens, prompt_length, rows, steps)
-    logits = teacher_force(site.model, params, state, sequences)
+    logits = force_rows(site.model, params, prompt_tokens, prompt_length, sequences).logits
     return token_log_weights(site.model, logits, sequences, site.temperature, site.eos_token_id)
 
 
@@ -113,8 +111,8 @@ class Exact:
             )
         arrays, _, rebuild = split_arguments(args, kwargs)
         sequences = np.asarray(list(itertools.product(range(vocab), repeat=steps)), np.int32)
-        model_params = tuple(model.params for model in structure.models)
-        lm_params = model_params[structure.models.index(site.model)]
+        model_params = structure.model_params()
+        lm_params = model_params[structure.lm_params_key]
 
         @jax.jit
         def score(rng_key, model_params, arrays, chunk):
@@ -149,8 +147,12 @@ class Exact:
         return structure, sequences, per_token, log_phi, site_log_probs
 
     def run(self, rng_key: jax.Array | None = None, *args, **kwargs) -> InferenceResult:
-        """Enumerate and return the exact target as a weighted result."""
-        rng_key = jax.random.key(0) if rng_key is None else rng_key
+        """Enumerate and return the exact target as a weighted result.
+
+        Enumeration is deterministic (the program may have no latent site besides the LM
+        site), so ``rng_key`` may be None; it is taken first for parity with the backends.
+        """
+        rng_key = jax.random.key(0) if rng_key is None else rng_key  # seeds no random site
         structure, sequences, per_token, log_phi, site_log_probs = self._enumerate(
             rng_key, args, kwargs
         )

@@ -19,7 +19,7 @@ As a Feynman–Kac model (one step of the kernel per token, :func:`build_kernel`
 
 The ESS rule is ``ess_threshold`` (``None``: never resample, importance sampling;
 ``>= 1``: every step). Rows that emitted EOS are padded with EOS and carry weight 1 (and
-their twist value) from then on. A model with ``unnormalised_logits = True`` (see
+their twist value) from then on. A model that is not ``locally_normalised`` (see
 :mod:`lmppl.decoding`) has ``p̃0(s) = Π_t exp m_t(s_t)``: the same formulas hold with
 ``p0(v | s_<t)`` read as ``exp m_t(v)`` (e.g. global DeRa targets
 ``π_ref^(1−λ) π_aligned^λ φ`` exactly).
@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import DecodeState, advance, next_token_log_weights, prefill
+from lmppl.decoding import DecodeState, advance, next_token_log_weights, prefill, reorder
 from lmppl.infer.program import (
+    ModelParams,
     ProgramError,
     ProgramStructure,
     run_prefix,
@@ -52,7 +53,6 @@ from lmppl.infer.program import (
 from lmppl.infer.proposal import propose
 from lmppl.infer.resampling import effective_sample_size, get_resampler, multinomial
 from lmppl.infer.twist import TwistInputs
-from lmppl.lm.base import reorder_cache
 
 __all__ = [
     "BoundProgram",
@@ -103,11 +103,11 @@ class ParticleState(NamedTuple):
     """Carried from step to step (leading axis N = particles, except the prompt).
 
     Fields:
-      decode: cache ``[N, ...]``, next-token logits ``[N, V]``, hidden ``[N, H]``.
-      tokens: ``[N, T]`` generated tokens (0 beyond the current step).
+      decode: the particles' :class:`~lmppl.decoding.DecodeState`: cache ``[N, ...]``,
+        next-token logits ``[N, V]``, hidden ``[N, H]``, tokens ``[N, T]`` (0 beyond the
+        current step), ``done`` ``[N]`` (the row has emitted EOS) and ``step``.
       log_weights: ``[N]`` log-weights of the current resampling epoch.
       log_psi: ``[N]`` log ψ of each particle's current prefix (0 without a twist).
-      done: ``[N]`` the row has emitted EOS.
       prefix_values: ``{site: [N, ...]}`` latent sites sampled before the LM site.
       log_marginal: ``[]`` Σ of log mean weights over closed resampling epochs.
       prompt_tokens: ``[P]`` the LM site's prompt (right-padded), shared by all particles.
@@ -115,10 +115,8 @@ class ParticleState(NamedTuple):
     """
 
     decode: DecodeState
-    tokens: jax.Array
     log_weights: jax.Array
     log_psi: jax.Array
-    done: jax.Array
     prefix_values: dict
     log_marginal: jax.Array
     prompt_tokens: jax.Array
@@ -134,12 +132,15 @@ class StepInfo(NamedTuple):
       ancestors: ``[N]`` the ancestor of each particle (identity when not resampled).
       log_weights: ``[N]`` log-weights of the current epoch after the step's increment
         (for t < T, without φ): with no resampling, the SIS weights of π_t.
+      twist_scale: ``[]`` the largest ``|log ψ_t|`` the twist returned (−inf entries, ψ = 0,
+        excluded; NaN or +inf when it returned such values; 0 without a twist).
     """
 
     ess: jax.Array
     resampled: jax.Array
     ancestors: jax.Array
     log_weights: jax.Array
+    twist_scale: jax.Array
 
 
 class SweepOutput(NamedTuple):
@@ -158,6 +159,9 @@ class SweepOutput(NamedTuple):
       log_weight_history: ``[T, N]`` each step's log-weights (see :class:`StepInfo`).
       prompt_tokens: ``[P]`` the LM site's prompt (right-padded).
       prompt_length: ``[]`` int32 its real length.
+      twist_scale: ``[]`` the largest ``|log ψ|`` of the sweep (see :class:`StepInfo`):
+        float32 resolves log ψ to about ``twist_scale · 2⁻²⁴``, which bounds how exact
+        the weights can be (:func:`~lmppl.infer.backends.check_output` warns).
     """
 
     tokens: jax.Array
@@ -172,6 +176,12 @@ class SweepOutput(NamedTuple):
     log_weight_history: jax.Array
     prompt_tokens: jax.Array
     prompt_length: jax.Array
+    twist_scale: jax.Array
+
+
+def _twist_scale(log_psi: jax.Array) -> jax.Array:
+    """``max |log ψ|`` over the entries that are not −inf (NaN / +inf propagate)."""
+    return jnp.max(jnp.where(jnp.isneginf(log_psi), 0.0, jnp.abs(log_psi)))
 
 
 def _log_mean_exp(log_weights: jax.Array) -> jax.Array:
@@ -197,8 +207,8 @@ def _constrain(state: ParticleState, sharding: Any, num_particles: int) -> Parti
     return state._replace(**placed)
 
 
-def _lm_params(structure: ProgramStructure, model_params: tuple) -> Any:
-    return model_params[structure.models.index(structure.lm_site.model)]
+def _lm_params(structure: ProgramStructure, model_params: ModelParams) -> Any:
+    return model_params[structure.lm_params_key]
 
 
 def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
@@ -224,7 +234,7 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
 
 
 def init(
-    rng_key: jax.Array, target: BoundProgram, model_params: tuple, num_particles: int
+    rng_key: jax.Array, target: BoundProgram, model_params: ModelParams, num_particles: int
 ) -> ParticleState:
     """Run every particle's program up to the LM site and prefill its prompt once.
 
@@ -251,10 +261,8 @@ def init(
     )
     return ParticleState(
         decode=decode,
-        tokens=jnp.zeros((num_particles, site.max_new_tokens), jnp.int32),
         log_weights=jnp.zeros((num_particles,), jnp.float32),
         log_psi=jnp.zeros((num_particles,), jnp.float32),
-        done=jnp.zeros((num_particles,), bool),
         prefix_values=prefix_values,
         log_marginal=jnp.zeros((), jnp.float32),
         prompt_tokens=prompt_tokens,
@@ -266,15 +274,9 @@ def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
     """Close the epoch (``log Ẑ += log mean W``) and gather every particle field."""
     gather = lambda tree: jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), tree)
     return state._replace(
-        decode=DecodeState(
-            reorder_cache(state.decode.cache, ancestors),
-            gather(state.decode.logits),
-            gather(state.decode.hidden),
-        ),
-        tokens=gather(state.tokens),
+        decode=reorder(state.decode, ancestors),
         log_weights=jnp.zeros_like(state.log_weights),
         log_psi=gather(state.log_psi),
-        done=gather(state.done),
         prefix_values=gather(state.prefix_values),
         log_marginal=state.log_marginal + _log_mean_exp(state.log_weights),
     )
@@ -282,7 +284,7 @@ def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
 
 def build_kernel(
     target: BoundProgram,
-    model_params: tuple,
+    model_params: ModelParams,
     options: SweepOptions,
     twist_apply: Callable[[Any, TwistInputs], jax.Array] | None = None,
     twist_params: Any = None,
@@ -293,7 +295,7 @@ def build_kernel(
 
     Args:
       target: the program and its arguments.
-      model_params: parameters aligned with ``target.structure.models``.
+      model_params: the models' parameters keyed by ``target.structure.model_keys``.
       options: static settings (:func:`check_options` must accept them).
       twist_apply: ``twist_apply(twist_params, TwistInputs) -> [N, V]`` log ψ_t, or None.
       twist_params: the twist's parameters.
@@ -309,7 +311,7 @@ def build_kernel(
     eos = site.eos_token_id
     resampler = get_resampler(options.resampling)
     threshold = options.ess_threshold
-    normalised = not bool(getattr(model, "unnormalised_logits", False))
+    normalised = model.locally_normalised
     step_log_weights = step_potential_log_weights(
         structure, target.program, target.args, target.kwargs, model_params
     )
@@ -340,18 +342,20 @@ def build_kernel(
         log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
         potentials: tuple[jax.Array, ...] = ()
         if step_log_weights is not None:
-            potentials = step_log_weights(state.prefix_values, state.tokens, t)
+            potentials = step_log_weights(state.prefix_values, state.decode.tokens, t)
         log_psi_next = None
+        twist_scale = jnp.zeros((), jnp.float32)
         if twist_apply is not None:
             inputs = TwistInputs(
                 state.decode.hidden,
-                state.tokens,
+                state.decode.tokens,
                 t,
                 condition,
                 state.prompt_tokens,
                 state.prompt_length,
             )
             log_psi_next = twist_apply(twist_params, inputs).astype(jnp.float32)
+            twist_scale = _twist_scale(log_psi_next)
         log_q, increment = propose(
             log_p0, potentials, log_psi_next, state.log_psi, normalised=normalised
         )
@@ -365,18 +369,16 @@ def build_kernel(
             else state.log_psi
         )
         if eos is not None:
-            increment = jnp.where(state.done, 0.0, increment)
-            new_log_psi = jnp.where(state.done, state.log_psi, new_log_psi)
-        decode, token, done = advance(model, lm_params, state.decode, token, state.done, eos)
+            increment = jnp.where(state.decode.done, 0.0, increment)
+            new_log_psi = jnp.where(state.decode.done, state.log_psi, new_log_psi)
         new_state = state._replace(
-            decode=decode,
-            tokens=state.tokens.at[:, t].set(token),
+            decode=advance(model, lm_params, state.decode, token, eos),
             log_weights=state.log_weights + increment,
             log_psi=new_log_psi,
-            done=done,
         )
         new_state = _constrain(new_state, options.particle_sharding, num)
-        return new_state, StepInfo(ess, resampled, ancestors, new_state.log_weights)
+        info = StepInfo(ess, resampled, ancestors, new_state.log_weights, twist_scale)
+        return new_state, info
 
     return step
 
@@ -384,7 +386,7 @@ def build_kernel(
 def finalize(
     rng_key: jax.Array,
     target: BoundProgram,
-    model_params: tuple,
+    model_params: ModelParams,
     state: ParticleState,
     info: StepInfo,
 ) -> SweepOutput:
@@ -404,7 +406,7 @@ def finalize(
         model_params,
         jax.random.split(rng_key, num),
         state.prefix_values,
-        state.tokens,
+        state.decode.tokens,
         include_step_potentials=False,
     )
     log_weights = jnp.where(
@@ -413,7 +415,7 @@ def finalize(
         state.log_weights + log_potential - state.log_psi,
     )
     return SweepOutput(
-        tokens=state.tokens,
+        tokens=state.decode.tokens,
         log_weights=log_weights,
         log_marginal=state.log_marginal + _log_mean_exp(log_weights),
         log_potential=log_potential,
@@ -425,4 +427,5 @@ def finalize(
         log_weight_history=info.log_weights,
         prompt_tokens=state.prompt_tokens,
         prompt_length=state.prompt_length,
+        twist_scale=jnp.max(info.twist_scale),
     )

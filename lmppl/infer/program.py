@@ -36,6 +36,7 @@ from lmppl.potentials import STEP_POTENTIAL_KEY
 
 __all__ = [
     "LMSite",
+    "ModelParams",
     "ProgramError",
     "ProgramStructure",
     "StepPotential",
@@ -71,9 +72,31 @@ class StepPotential:
     eos_token_id: int | None
 
 
+ModelParams = dict[str, Any]
+"""Parameters of a program's language models, keyed by :attr:`ProgramStructure.model_keys`."""
+
+
+def _model_keys(models: tuple[LanguageModel, ...]) -> tuple[str, ...]:
+    """One key per model: its name, with ``#2``, ``#3``, ... for distinct models sharing one."""
+    keys: list[str] = []
+    for model in models:
+        key, count = model.name, 1
+        while key in keys:
+            count += 1
+            key = f"{model.name}#{count}"
+        keys.append(key)
+    return tuple(keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramStructure:
-    """What :func:`discover` learns about a program (all static)."""
+    """What :func:`discover` learns about a program (all static).
+
+    The program's language models (every LM site's, latent or observed) are ``models``;
+    inference takes their parameters as a :data:`ModelParams` dict keyed by
+    ``model_keys`` (each model's name), so they enter jitted code as arguments and can be
+    swapped (e.g. DeRa's λ) without recompiling.
+    """
 
     lm_site: LMSite
     prefix_sites: tuple[str, ...]
@@ -82,6 +105,33 @@ class ProgramStructure:
     deterministic_sites: tuple[str, ...]
     step_potentials: tuple[StepPotential, ...]
     models: tuple[LanguageModel, ...]
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        """The key of each of ``models`` in a :data:`ModelParams` dict."""
+        return _model_keys(self.models)
+
+    def model_params(self, replace: dict[str, Any] | None = None) -> ModelParams:
+        """The models' own parameters keyed by model; ``replace`` maps keys to others."""
+        replace = replace or {}
+        unknown = set(replace) - set(self.model_keys)
+        if unknown:
+            raise KeyError(f"no model {sorted(unknown)} in this program: {list(self.model_keys)}")
+        return {
+            k: replace.get(k, m.params) for k, m in zip(self.model_keys, self.models, strict=True)
+        }
+
+    def params_of(self, model_params: ModelParams, model: LanguageModel) -> Any:
+        """The entry of ``model_params`` that belongs to ``model``."""
+        for key, known in zip(self.model_keys, self.models, strict=True):
+            if known is model:
+                return model_params[key]
+        raise KeyError(f"{model.name} is not a model of this program")
+
+    @property
+    def lm_params_key(self) -> str:
+        """The key of the latent LM site's model."""
+        return self.model_keys[self.models.index(self.lm_site.model)]
 
 
 class _Stop(Exception):
@@ -121,8 +171,11 @@ class _SwapParams(Messenger):
                 msg["fn"] = msg["fn"].with_params(params)
 
 
-def _with_params(program, models, params):
-    return _SwapParams(program, {id(m): p for m, p in zip(models, params, strict=True)})
+def _with_params(program, structure: ProgramStructure, model_params: ModelParams):
+    by_model = {
+        id(m): model_params[k] for m, k in zip(structure.models, structure.model_keys, strict=True)
+    }
+    return _SwapParams(program, by_model)
 
 
 def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
@@ -164,7 +217,11 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
     )
     names = list(trace)
     position = names.index(lm_site.name)
-    prefix, suffix_latent, observed, deterministic, steps = [], [], [], [], []
+    prefix: list[str] = []
+    suffix_latent: list[str] = []
+    observed: list[str] = []
+    deterministic: list[str] = []
+    steps: list[StepPotential] = []
     models: list[LanguageModel] = []
     for index, (name, msg) in enumerate(trace.items()):
         if msg["type"] == "deterministic":
@@ -225,7 +282,7 @@ def run_prefix(
     program: Callable,
     args: tuple,
     kwargs: dict,
-    model_params: tuple,
+    model_params: ModelParams,
     rng_keys: jax.Array,
 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """Run every particle's program up to the LM site.
@@ -233,7 +290,7 @@ def run_prefix(
     Returns the prefix latent values ``{site: [N, ...]}`` and the LM site's prompt
     ``tokens [P]`` and ``length []`` (shared by all particles).
     """
-    swapped = _with_params(program, structure.models, model_params)
+    swapped = _with_params(program, structure, model_params)
 
     def one(rng_key):
         marker = _FirstLatentLM(swapped, stop=True)
@@ -263,7 +320,7 @@ def run_suffix(
     program: Callable,
     args: tuple,
     kwargs: dict,
-    model_params: tuple,
+    model_params: ModelParams,
     rng_keys: jax.Array,
     prefix_values: dict[str, jax.Array],
     sequences: jax.Array,
@@ -281,7 +338,7 @@ def run_suffix(
       ``log_phi [N]``, ``{site: [N]}`` summed log-probability of every observed site and
       factor, and ``{site: [N, ...]}`` values of later latent and deterministic sites.
     """
-    swapped = _with_params(program, structure.models, model_params)
+    swapped = _with_params(program, structure, model_params)
     skip = set() if include_step_potentials else {s.name for s in structure.step_potentials}
     lm_name = structure.lm_site.name
 
@@ -325,7 +382,7 @@ def step_potential_log_weights(
     program: Callable,
     args: tuple,
     kwargs: dict,
-    model_params: tuple,
+    model_params: ModelParams,
 ) -> Callable[[dict[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, ...]] | None:
     """``log_weights(prefix_values, prefix, t) -> ([V], ...)``: one particle's ``log m_t^k``.
 
@@ -338,7 +395,7 @@ def step_potential_log_weights(
     """
     if not structure.step_potentials:
         return None
-    swapped = _with_params(program, structure.models, model_params)
+    swapped = _with_params(program, structure, model_params)
     last = structure.step_potentials[-1].name
 
     def log_weights(prefix_values, prefix, t):

@@ -54,14 +54,22 @@ def propose(
     logits = log_p0
     for log_weights in step_log_weights:
         logits = logits + log_weights
-    if log_psi_next is not None:
-        logits = logits + log_psi_next
-    if logits is log_p0 and normalised:
+    if logits is log_p0 and log_psi_next is None and normalised:
         return log_p0, jnp.zeros(log_p0.shape[:1], jnp.float32)
     if log_psi is None:
         log_psi = jnp.zeros(log_p0.shape[:1], jnp.float32)
+    offset = jnp.zeros(log_p0.shape[:1], jnp.float32)
+    if log_psi_next is not None:
+        # Shift-robust form: the twist enters relative to its own per-particle maximum, so
+        # a large common level of log ψ cancels exactly (differences of nearby float32
+        # values are exact) instead of swamping log p0 in the sum.
+        finite = jnp.isfinite(log_psi_next)
+        top = jnp.max(jnp.where(finite, log_psi_next, -jnp.inf), axis=-1)
+        top = jnp.where(jnp.isfinite(top), top, 0.0)
+        logits = logits + (log_psi_next - top[:, None])
+        offset = top
     log_norm = logsumexp(logits, axis=-1)
     valid = jnp.isfinite(log_norm)[:, None]
     log_q = jnp.where(valid, logits - log_norm[:, None], log_p0)
-    increment = jnp.where(jnp.isneginf(log_psi), -jnp.inf, log_norm - log_psi)
+    increment = jnp.where(jnp.isneginf(log_psi), -jnp.inf, log_norm + (offset - log_psi))
     return log_q, increment

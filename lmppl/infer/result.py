@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmppl.decoding import trim_at_eos
 from lmppl.infer.resampling import effective_sample_size, normalized_weights, systematic
 
 __all__ = ["InferenceResult"]
@@ -77,12 +78,8 @@ class InferenceResult:
             raise ValueError("this result's model has no tokenizer; read result.samples instead")
         if site not in self.samples:
             raise KeyError(f"no site {site!r}; sites: {sorted(self.samples)}")
-        texts = []
-        for row in np.asarray(self.samples[site]).tolist():
-            if self.eos_token_id is not None and self.eos_token_id in row:
-                row = row[: row.index(self.eos_token_id)]
-            texts.append(self.tokenizer.decode(row))
-        return texts
+        rows = np.asarray(self.samples[site]).tolist()
+        return [self.tokenizer.decode(trim_at_eos(row, self.eos_token_id)) for row in rows]
 
     def resample(self, rng_key: jax.Array, num_samples: int | None = None) -> dict[str, jax.Array]:
         """Equally weighted draws ``{site: [num_samples, ...]}`` (systematic resampling)."""

@@ -5,6 +5,14 @@ into the prefix, step and suffix keys, runs :func:`~lmppl.infer.kernel.init`, on
 ``lax.scan`` of the kernel's ``step`` over ``t = 0 .. T-1`` and
 :func:`~lmppl.infer.kernel.finalize`. See :mod:`lmppl.infer.kernel` for the targets, the
 weights and the Feynman–Kac pseudo-code.
+
+The program is traced three times per compilation, each for a part no other trace can
+serve: :func:`~lmppl.infer.program.discover` (abstractly, once per program and argument
+shapes: the static structure), the prefix run in ``init`` (the latent sites before the LM
+site and its prompt, per particle) and the suffix run in ``finalize`` (φ and later sites,
+given the sequences); a program with per-step potentials is traced a fourth time, up to
+its last potential, inside the step (its functions of the prefix). The prompt comes back
+with the output (``SweepOutput.prompt_tokens``), so callers never re-run the prefix.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ def build_sweep(
 ) -> Callable[..., SweepOutput]:
     """The (unjitted) sweep ``sweep(rng_key, model_params, twist_params, args, kwargs, reference)``.
 
-    ``model_params`` is a tuple aligned with ``structure.models``; ``twist_params`` is the
+    ``model_params`` is a dict keyed by ``structure.model_keys``; ``twist_params`` is the
     twist's parameter pytree (or None); ``reference`` is the clamped sequence ``[T]`` of a
     conditional sweep (None otherwise); ``twist_condition(*args, **kwargs)``, if given, is
     handed to the twist as ``TwistInputs.condition``. The caller jits it.

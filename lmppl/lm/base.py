@@ -101,7 +101,11 @@ class LanguageModel:
       tokenizer: a :class:`Tokenizer`, or ``None`` for token-id-only test models.
       params: the network's parameters (an ``nnx.State`` pytree).
       name: a human-readable name (model id or path).
+      locally_normalised: True: the logits are normalised per step (a softmax gives
+        p0(v | s_<t)); see :meth:`next_token_log_weights`.
     """
+
+    locally_normalised: bool = True
 
     def __init__(
         self,
@@ -133,6 +137,16 @@ class LanguageModel:
     @property
     def context_length(self) -> int:
         return self.config.context_length
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The token that ends a sequence: the tokenizer's, else the config's (or None)."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        return self.config.eos_token_id if eos is None else eos
+
+    def next_token_log_weights(self, logits: jax.Array, temperature: float) -> jax.Array:
+        """``[..., V]`` float32 ``log p0(v | s_<t) = log softmax(logits / temperature)``."""
+        return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
 
     @property
     def dtype(self) -> jnp.dtype:

@@ -44,7 +44,8 @@ class TensorTable:
     """A :class:`~lmppl.lm.layers.ParameterSource` over a mapping of named tensors.
 
     ``table(name, shape)`` returns ``tensors[name]`` as a JAX array of ``dtype`` after
-    checking its shape. A name with a ``model.`` / ``transformer.`` prefix is also found
+    checking its shape and that every value is finite (a corrupted file fails here, in
+    one line naming the tensor, instead of producing NaN log-weights later). A name with a ``model.`` / ``transformer.`` prefix is also found
     without it (checkpoints of the bare base model).
     """
 
@@ -75,7 +76,15 @@ class TensorTable:
             )
         if not isinstance(tensor, np.ndarray | jax.Array):
             tensor = np.asarray(tensor)
-        return jnp.asarray(tensor, dtype=self.dtype)
+        array = jnp.asarray(tensor, dtype=self.dtype)
+        bad = int(jnp.size(array) - jnp.count_nonzero(jnp.isfinite(array)))
+        if bad:
+            raise ValueError(
+                f"tensor {name!r} has {bad} non-finite values (NaN or inf) of {array.size}: "
+                "the checkpoint is corrupted (or overflowed when cast to "
+                f"{jnp.dtype(self.dtype).name})"
+            )
+        return array
 
 
 def build_network(

@@ -30,9 +30,13 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MODES", "Annotations", "from_detector", "from_pairs", "strip_padding", "valid_mask"]
+from lmppl import decoding
+from lmppl.decoding import trim_at_eos
+
+__all__ = ["MODES", "Annotations", "from_detector", "from_pairs", "valid_mask"]
 
 MODES = ("first", "diff", "full")
 
@@ -60,23 +64,12 @@ class Annotations(NamedTuple):
 
 
 def valid_mask(tokens: Any, eos_token_id: int | None) -> np.ndarray:
-    """``[B, T]`` bool: the tokens up to and including each row's first EOS.
+    """``[B, T]`` NumPy bool: the tokens up to and including each row's first EOS.
 
-    ``eos_token_id=None`` (fixed-length generation) marks every token valid.
+    ``eos_token_id=None`` (fixed-length generation) marks every token valid. The host
+    view of :func:`lmppl.decoding.valid_mask` (the one EOS rule).
     """
-    tokens = np.asarray(tokens)
-    if eos_token_id is None:
-        return np.ones(tokens.shape, bool)
-    is_eos = tokens == eos_token_id
-    return (np.cumsum(is_eos, axis=-1) - is_eos) == 0
-
-
-def strip_padding(row: Sequence[int], eos_token_id: int | None) -> list[int]:
-    """A row as a list, cut after its first EOS (the EOS itself is kept)."""
-    row = [int(v) for v in row]
-    if eos_token_id is not None and eos_token_id in row:
-        row = row[: row.index(eos_token_id) + 1]
-    return row
+    return np.asarray(decoding.valid_mask(jnp.asarray(np.asarray(tokens)), eos_token_id))
 
 
 def _diff_positions(negative: list[int], corrected: list[int], mode: str) -> list[int]:
@@ -150,8 +143,8 @@ def from_pairs(
     valid = valid_mask(negatives, eos_token_id)
     mask = np.zeros(negatives.shape, bool)
     for b, (row, fix) in enumerate(zip(negatives, corrected, strict=True)):
-        negative = strip_padding(row, eos_token_id)
-        positions = _diff_positions(negative, strip_padding(fix, eos_token_id), mode)
+        negative = trim_at_eos(row, eos_token_id, keep_eos=True)
+        positions = _diff_positions(negative, trim_at_eos(fix, eos_token_id, keep_eos=True), mode)
         mask[b, positions] = True
     return Annotations(mask & valid, valid)
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmppl.decoding import next_token_log_probs, prefill
+from lmppl.decoding import force_rows, next_token_log_probs
 from lmppl.lm.base import LanguageModel
 
 __all__ = ["TNTBatch", "old_log_probs", "sequence_log_probs"]
@@ -59,14 +59,7 @@ def sequence_log_probs(
     ``prompt_tokens`` ``[B, P]`` (or ``[P]``, shared) with lengths ``[B]`` (or ``[]``).
     Pure and differentiable in ``params``.
     """
-    rows, steps = tokens.shape
-    prompt_tokens = jnp.broadcast_to(prompt_tokens, (rows, prompt_tokens.shape[-1]))
-    prompt_length = jnp.broadcast_to(jnp.asarray(prompt_length, jnp.int32), (rows,))
-    state = prefill(model, params, prompt_tokens, prompt_length, rows, steps)
-    logits = state.logits[:, None]
-    if steps > 1:
-        out = model.apply(params, tokens[:, :-1], state.cache)
-        logits = jnp.concatenate([logits, out.logits], axis=1)
+    logits = force_rows(model, params, prompt_tokens, prompt_length, tokens).logits
     return next_token_log_probs(logits, temperature)
 
 

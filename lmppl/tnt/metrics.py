@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from lmppl.decoding import trim_at_eos
 from lmppl.tnt.annotations import from_detector
 
 __all__ = ["bleu_to_old", "contains_unwanted", "corpus_bleu", "prevalence", "trim"]
@@ -64,12 +65,7 @@ def prevalence(
 
 def trim(tokens: Any, eos_token_id: int | None) -> list[list[int]]:
     """Rows of ``[B, T]`` as lists, cut before their first EOS."""
-    rows = []
-    for row in np.asarray(tokens).tolist():
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id)]
-        rows.append(row)
-    return rows
+    return [trim_at_eos(row, eos_token_id) for row in np.asarray(tokens).tolist()]
 
 
 def _ngrams(sequence: Sequence[int], order: int) -> Counter:

@@ -2,7 +2,7 @@
 
 A TNT-updated model is the old :class:`~lmppl.lm.LanguageModel` (same network graph,
 config and tokenizer) with new parameters. ``save_params`` writes them as a plain
-``.npz`` (the checkpoint format of :mod:`lmppl.twists.checkpoint`: leaves in flattening
+``.npz`` (the checkpoint format of :mod:`lmppl.training.checkpoint`: leaves in flattening
 order); ``load_params(path, lm)`` pours them back into a copy of ``lm``:
 
     lm = lmppl.load("stories260k")
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmppl.lm.base import LanguageModel
-from lmppl.twists.checkpoint import load_checkpoint, save_checkpoint
+from lmppl.training.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["load_params", "save_params", "with_params"]
 

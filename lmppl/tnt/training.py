@@ -10,7 +10,7 @@ Metrics per step: ``loss``, ``grad_norm``, ``negative_log_prob`` (mean ``log q(x
 over the batch's annotated tokens: how far the negative tokens have been pushed down;
 NaN for a batch without annotation) and ``seconds``. Checkpoints
 (``step_XXXXXXX.npz`` in ``checkpoint_dir``, the format of
-:mod:`lmppl.twists.checkpoint`) are written every ``checkpoint_every`` steps and at the
+:mod:`lmppl.training.checkpoint`) are written every ``checkpoint_every`` steps and at the
 end; with ``resume=True`` training continues from the latest one. A NaN loss or
 gradient stops with :class:`~lmppl.twists.TrainingDiverged` naming the step (the last
 good parameters are checkpointed first); so do updated parameters that are not finite.
@@ -33,17 +33,11 @@ from lmppl.tnt.annotations import Annotations, valid_mask
 from lmppl.tnt.batch import TNTBatch, old_log_probs, sequence_log_probs
 from lmppl.tnt.losses import TNTLoss, batch_loss, get_loss, term_weights
 from lmppl.tnt.params import with_params
-from lmppl.twists.loop import run_training
+from lmppl.training.loop import run_training
 
 __all__ = ["METRICS", "build_dataset", "build_train_step", "train"]
 
 METRICS = ("loss", "grad_norm", "negative_log_prob")
-
-
-def _eos(lm: LanguageModel) -> int | None:
-    tokenizer = lm.tokenizer
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    return lm.config.eos_token_id if eos is None else eos
 
 
 def build_dataset(
@@ -69,7 +63,7 @@ def build_dataset(
         raise ValueError(f"generations must be [N, T] token ids, got shape {tokens.shape}")
     if not isinstance(annotations, Annotations):
         mask = np.asarray(annotations, bool)
-        valid = valid_mask(tokens, _eos(lm) if stop_at_eos else None)
+        valid = valid_mask(tokens, lm.eos_token_id if stop_at_eos else None)
         annotations = Annotations(mask & valid, valid)
     if annotations.mask.shape != tokens.shape:
         raise ValueError(

@@ -14,9 +14,9 @@
 A trained twist is used as ``lmppl.infer.TwistedSMC(program, N, twists={"site": twist})``.
 """
 
+from lmppl.training.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from lmppl.twists import losses
 from lmppl.twists.base import Twist
-from lmppl.twists.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 from lmppl.twists.heads import LinearTwist, MLPTwist
 from lmppl.twists.io import build_twist, load_twist, read_twist_info, save_twist, twist_spec
 from lmppl.twists.losses import TwistLoss, ctl, dpg, fudge, rl, sixo

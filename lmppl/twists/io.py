@@ -1,8 +1,8 @@
 """Twist files that rebuild themselves: the parameters plus the twist's class and options.
 
-:func:`save_twist` writes one ``.npz`` in the format of :mod:`lmppl.twists.checkpoint`
+:func:`save_twist` writes one ``.npz`` in the format of :mod:`lmppl.training.checkpoint`
 (``params/leaf_*`` arrays, ``__meta__`` with the step and the training history, so
-:func:`~lmppl.twists.checkpoint.load_checkpoint` still reads it) plus ``__twist__``: a JSON
+:func:`~lmppl.training.checkpoint.load_checkpoint` still reads it) plus ``__twist__``: a JSON
 record of the twist's class, the constructor options that fix its shapes, the base
 model's name and sizes, and free-form metadata (the task, the site, the loss)::
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lmppl.lm.base import LanguageModel
-from lmppl.twists.checkpoint import _flatten, load_checkpoint
+from lmppl.training.checkpoint import flatten_leaves, load_checkpoint
 from lmppl.twists.heads import LinearTwist, MLPTwist
 from lmppl.twists.tabular import TabularTwist
 from lmppl.twists.transformer import TransformerTwist
@@ -123,7 +123,7 @@ def save_twist(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"params/{k}": v for k, v in _flatten(twist.params).items()}
+    arrays = {f"params/{k}": v for k, v in flatten_leaves(twist.params).items()}
     meta = json.dumps({"step": int(step), "history": history or {}})
     try:
         record = twist_spec(twist)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import next_token_log_weights, prefill
+from lmppl.decoding import force_rows, next_token_log_weights, valid_mask
 from lmppl.infer.twist import TwistInputs
 
 __all__ = ["BasePass", "Samples", "base_pass", "twist_sequence"]
@@ -105,20 +105,10 @@ def base_pass(
     eos_token_id: int | None,
 ) -> BasePass:
     """Teacher-force ``tokens`` ``[N, T]`` through the frozen base LM after the prompt."""
-    rows, steps = tokens.shape
-    state = prefill(model, params, prompt_tokens, prompt_length, rows, steps)
-    logits, hidden = state.logits[:, None], state.hidden[:, None]
-    if steps > 1:
-        out = model.apply(params, tokens[:, :-1], state.cache)
-        logits = jnp.concatenate([logits, out.logits], axis=1)
-        hidden = jnp.concatenate([hidden, out.hidden], axis=1)
-    if eos_token_id is None:
-        valid = jnp.ones(tokens.shape, bool)
-    else:
-        is_eos = tokens == eos_token_id
-        valid = jnp.cumsum(is_eos, axis=1) - is_eos == 0
-    log_p0 = next_token_log_weights(model, logits, temperature)
-    return BasePass(jax.lax.stop_gradient(log_p0), jax.lax.stop_gradient(hidden), valid)
+    forced = force_rows(model, params, prompt_tokens, prompt_length, tokens)
+    log_p0 = next_token_log_weights(model, forced.logits, temperature)
+    valid = valid_mask(tokens, eos_token_id)
+    return BasePass(jax.lax.stop_gradient(log_p0), jax.lax.stop_gradient(forced.hidden), valid)
 
 
 def twist_sequence(

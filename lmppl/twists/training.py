@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import optax
 
 from lmppl.infer.arguments import split_arguments
-from lmppl.infer.program import ProgramError, discover, run_prefix
+from lmppl.infer.program import ProgramError, discover
 from lmppl.infer.resampling import effective_sample_size
 from lmppl.infer.sweep import SweepOptions, build_sweep
-from lmppl.twists.loop import TrainingDiverged, run_training
+from lmppl.training.loop import TrainingDiverged, run_training
 from lmppl.twists.losses import TwistLoss, get_loss
 from lmppl.twists.mixture import defensive_mixture
 from lmppl.twists.monitor import BoundsMonitor, TwistGapWarning
@@ -134,16 +134,14 @@ def build_train_step(
 
     def step(params, opt_state, rng_key, model_params, arrays, targets=None):
         call_args, call_kwargs = rebuild(arrays)
-        proposal_key, base_key, target_key, prefix_key = jax.random.split(rng_key, 4)
+        proposal_key, base_key, target_key = jax.random.split(rng_key, 3)
         frozen = jax.lax.stop_gradient(params)
-        lm_params = model_params[structure.models.index(model)]
-        _, prompt_tokens, prompt_length = run_prefix(
-            structure, program, call_args, call_kwargs, model_params, prefix_key[None]
-        )
+        lm_params = model_params[structure.lm_params_key]
         condition = twist_condition(*call_args, **call_kwargs) if twist_condition else None
 
         drawn = {}
         proposal = proposal_sweep(proposal_key, model_params, frozen, call_args, call_kwargs)
+        prompt_tokens, prompt_length = proposal.prompt_tokens, proposal.prompt_length
         drawn["proposal"] = (
             proposal.tokens,
             proposal.log_potential,
@@ -211,7 +209,7 @@ def build_train_step(
         }
         return new_params, new_opt_state, metrics
 
-    model_params = tuple(m.params for m in structure.models)
+    model_params = structure.model_params()
     return jax.jit(step), model_params, arrays
 
 

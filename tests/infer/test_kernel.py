@@ -56,7 +56,7 @@ def test_propose_unnormalised_p0_pays_its_normaliser():
 def kernel_parts(name):
     program, args = TARGETS[name]
     structure = discover(program, args, {})
-    model_params = tuple(model.params for model in structure.models)
+    model_params = structure.model_params()
     target = BoundProgram(structure, program, args, {})
     return structure, program, args, target, model_params
 
@@ -99,7 +99,8 @@ def test_one_step_without_resampling_adds_the_proposal_increment():
     log_p0 = jax.nn.log_softmax(state.decode.logits.astype(jnp.float32), axis=-1)
     expected = jnp.log1p(-jnp.exp(log_p0[:, 3]))
     np.testing.assert_allclose(np.asarray(new.log_weights), np.asarray(expected), atol=1e-5)
-    assert not np.asarray(new.tokens[:, 0] == 3).any()
+    assert not np.asarray(new.decode.tokens[:, 0] == 3).any()
+    assert int(new.decode.step) == 1
     assert not bool(info.resampled)
 
 
@@ -108,7 +109,5 @@ def test_compile_returns_a_named_and_unpackable_program():
     compiled = lmppl.infer.SMC(program, 4).compile(*args)
     structure, sweep, arrays, twist_params = compiled
     assert compiled.structure is structure and compiled.sweep is sweep
-    output = compiled.sweep(
-        jax.random.key(0), tuple(m.params for m in structure.models), None, arrays, None
-    )
+    output = compiled.sweep(jax.random.key(0), structure.model_params(), None, arrays, None)
     assert output.tokens.shape == (4, 3)

@@ -47,7 +47,7 @@ def test_step_potential_reads_each_particles_prefix_latent(ess_threshold):
     posterior = float(np.exp(log_z1 - np.logaddexp(log_z0, log_z1)))
     sampler = lmppl.infer.SMC(latent_program, 64, ess_threshold=ess_threshold)
     structure, sweep, arrays, twist_params = sampler.compile()
-    model_params = tuple(model.params for model in structure.models)
+    model_params = structure.model_params()
     keys = jax.random.split(jax.random.key(3), RUNS)
     outputs = jax.vmap(sweep, in_axes=(0, None, None, None, None))(
         keys, model_params, twist_params, arrays, None

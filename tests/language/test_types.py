@@ -41,6 +41,15 @@ def test_language_models_conform(name):
     out = model.apply(model.params, jnp.array([[0, 2, 3], [0, 4, 4]], jnp.int32), cache)
     assert out.logits.shape == (2, 3, model.vocab_size)
     assert out.hidden.shape[:2] == (2, 3)
+    log_weights = model.next_token_log_weights(out.logits, 1.0)
+    assert log_weights.shape == out.logits.shape and log_weights.dtype == jnp.float32
+    total = np.asarray(jax.nn.logsumexp(log_weights, axis=-1))
+    if model.locally_normalised:
+        np.testing.assert_allclose(total, 0.0, atol=1e-5)
+    else:  # a sequence-level target: its per-token log-weights need not sum to one
+        assert np.all(total <= 1e-5)
+    eos = model.eos_token_id
+    assert eos is None or 0 <= eos < model.vocab_size
 
 
 @pytest.mark.parametrize("name", sorted(RESAMPLERS))

@@ -262,3 +262,16 @@ def test_file_shorter_than_a_header_and_missing_file(tmp_path):
         read_llama2c(short)
     with pytest.raises(FileNotFoundError, match="no llama2.c checkpoint"):
         read_llama2c(tmp_path / "absent.bin")
+
+
+def test_non_finite_weights_fail_in_one_line_naming_the_tensor(tmp_path):
+    """A file of the right size with NaNs in the embedding (issue #15, item 5)."""
+    body = bytearray(CHECKPOINT.read_bytes())
+    body[28 : 28 + 4 * 16] = np.full(16, np.nan, np.float32).tobytes()  # embedding row 0
+    path = tmp_path / "nan.bin"
+    path.write_bytes(bytes(body))
+    tokenizer = CHECKPOINT.parent / "tok512.bin"
+    (tmp_path / tokenizer.name).write_bytes(tokenizer.read_bytes())
+    with pytest.raises(ValueError, match="embed_tokens.weight' has 16 non-finite") as error:
+        load(path)
+    assert "\n" not in str(error.value)

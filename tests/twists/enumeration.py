@@ -42,11 +42,11 @@ def enumerate_samples(program, args, twist, params, condition=None) -> Samples:
     tokens = jnp.asarray(exact.samples["s"])
     structure = discover(program, args, {})
     site = structure.lm_site
-    model_params = tuple(m.params for m in structure.models)
+    model_params = structure.model_params()
     _, prompt, length = run_prefix(
         structure, program, args, {}, model_params, jax.random.key(0)[None]
     )
-    lm_params = model_params[structure.models.index(site.model)]
+    lm_params = model_params[structure.lm_params_key]
     base = base_pass(site.model, lm_params, prompt, length, tokens, 1.0, site.eos_token_id)
     log_psi = twist_sequence(twist, params, base, tokens, condition, prompt, length)
     zeros = jnp.zeros(tokens.shape[::-1])

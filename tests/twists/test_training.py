@@ -111,7 +111,15 @@ def test_baselines_train_toward_the_target(method):
     after = kl_divergences(program, args, trained)
     print(method, "KL before", before, "after", after)
     assert after[0] < 0.5 * before[0] and after[1] < 0.5 * before[1]
-    assert set(history) == {"step", "loss", "ess", "log_marginal", "grad_norm", "param_norm", "seconds"}
+    assert set(history) == {
+        "step",
+        "loss",
+        "ess",
+        "log_marginal",
+        "grad_norm",
+        "param_norm",
+        "seconds",
+    }
 
 
 @pytest.mark.slow

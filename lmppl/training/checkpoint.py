@@ -19,16 +19,15 @@ import jax
 import numpy as np
 
 __all__ = [
+    "flatten_leaves",
     "latest_checkpoint",
     "load_checkpoint",
-    "load_twist",
     "save_checkpoint",
-    "save_twist",
     "step_checkpoints",
 ]
 
 
-def _flatten(tree: Any) -> dict[str, np.ndarray]:
+def flatten_leaves(tree: Any) -> dict[str, np.ndarray]:
     return {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
 
 
@@ -60,15 +59,15 @@ def save_checkpoint(
     """Write ``params`` (and ``opt_state``, ``step``, ``history``) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"params/{k}": v for k, v in _flatten(params).items()}
+    arrays: dict[str, Any] = {f"params/{k}": v for k, v in flatten_leaves(params).items()}
     if opt_state is not None:
-        arrays.update({f"opt_state/{k}": v for k, v in _flatten(opt_state).items()})
-    meta = json.dumps({"step": int(step), "history": history or {}})
+        arrays.update({f"opt_state/{k}": v for k, v in flatten_leaves(opt_state).items()})
+    arrays["__meta__"] = np.asarray(json.dumps({"step": int(step), "history": history or {}}))
     # Written beside the target under a name no checkpoint pattern matches, flushed to
     # disk, then renamed: a write killed midway leaves the previous checkpoints intact.
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as handle:
-        np.savez(handle, __meta__=np.asarray(meta), **arrays)
+        np.savez(handle, **arrays)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -109,14 +108,3 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The checkpoint ``step_<digits>.npz`` with the highest step in ``directory`` (None if none)."""
     found = step_checkpoints(directory)
     return found[0] if found else None
-
-
-def save_twist(path: str | os.PathLike, twist: Any) -> Path:
-    """Save a twist's parameters (``twist.params``) to ``path``."""
-    return save_checkpoint(path, twist.params)
-
-
-def load_twist(path: str | os.PathLike, twist: Any) -> Any:
-    """A copy of ``twist`` with the parameters saved at ``path``."""
-    params, _, _, _ = load_checkpoint(path, twist.params)
-    return twist.with_params(params)

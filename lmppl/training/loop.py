@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from lmppl.twists.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
+from lmppl.training.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
 
 __all__ = ["Best", "TrainingDiverged", "checkpoint_path", "run_training"]
 
@@ -105,14 +105,17 @@ def run_training(
 
     def evaluate_now(k: int, params: Any) -> None:
         nonlocal best, latest
-        due = evaluate is not None and (k == num_steps or (eval_every and k % eval_every == 0))
+        if evaluate is None:
+            return
+        due = k == num_steps or bool(eval_every and k % eval_every == 0)
         values = evaluate(k, params) if due else {}
-        for name in eval_names if evaluate else ():
+        for name in eval_names:
             history[name].append(float(values.get(name, math.nan)))
-        if not values:
+        if not values or score is None:
+            latest = values or latest
             return
         latest = values
-        value = score(values) if score is not None else math.nan
+        value = score(values)
         if math.isfinite(value) and (best is None or value < score(best.evaluation)):
             best = Best(k, params, dict(values))
             if checkpoint_dir is not None:
