@@ -68,6 +68,13 @@ def cmd_sample(options: argparse.Namespace) -> int:
             f"log Ẑ = {float(result.log_marginal):.4f}   ESS = "
             f"{result.effective_sample_size:.1f} of {result.num_particles}",
         )
+    if not np.isfinite(np.asarray(result.log_weights)).any():
+        _print(
+            "error: every particle has weight zero (the potentials are -inf for every sampled "
+            "sequence): there is no sample of the target to show. Try more particles "
+            "(--particles) or a twist"
+        )
+        return 1
     _print(*format_samples(result, options.show))
     if out is not None:
         header = {"task": task.name, "target": options.target, "seed": options.seed}

@@ -46,3 +46,19 @@ def test_conditional_reference_outside_the_support_is_an_error():
         lmppl.infer.SMC(impossible_program, 4).conditional_log_marginals(
             jax.random.key(0), references
         )
+
+
+def infinite_program():
+    s = numpyro.sample("s", lmppl.LM(LM, "a", 2, stop_at_eos=False))
+    numpyro.factor("unbounded", jnp.where(s[0] == 2, jnp.inf, 0.0))
+
+
+@pytest.mark.parametrize("backend", ["run", "log_marginals"])
+def test_a_plus_inf_potential_is_an_error_naming_the_site(backend):
+    """+inf would give log Ẑ = inf under a misleading message (issue #15, item 6)."""
+    sampler = lmppl.infer.SMC(infinite_program, 64)
+    with pytest.raises(ValueError, match="site 'unbounded' returned \\+inf"):
+        if backend == "run":
+            sampler.run(jax.random.key(0))
+        else:
+            sampler.log_marginals(jax.random.key(0), 4)
