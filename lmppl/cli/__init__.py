@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--twist", metavar="CHECKPOINT", help="a twist file or train-twist folder")
     sample.add_argument("--show", type=int, default=5, help="samples to print (default 5)")
     sample.add_argument("--out", metavar="FILE", help="write the result: .json or .nc (ArviZ)")
+    sample.add_argument(
+        "--weighted",
+        action="store_true",
+        help="with --out FILE.nc: write the weighted particles (ArviZ treats draws as equally "
+        "weighted: use sample_stats.weight) instead of the default equally weighted resample",
+    )
     sample.set_defaults(run=cmd_sample)
 
     train = commands.add_parser(

@@ -28,6 +28,8 @@ __all__ = ["cmd_bounds", "cmd_sample", "cmd_train_twist"]
 
 
 def cmd_sample(options: argparse.Namespace) -> int:
+    import jax
+
     from lmppl import infer
 
     out = Path(options.out).expanduser() if options.out else None
@@ -35,6 +37,8 @@ def cmd_sample(options: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .json or .nc, got {options.out}")
     if out is not None:
         check_output_path(out)
+    if options.weighted and (out is None or out.suffix != ".nc"):
+        raise UsageError("--weighted applies to --out FILE.nc")
     backend = options.backend or ("twisted" if options.twist else "smc")
     if options.twist and backend != "twisted":
         raise UsageError(f"--twist is used by --backend twisted, not {backend}")
@@ -78,8 +82,18 @@ def cmd_sample(options: argparse.Namespace) -> int:
     _print(*format_samples(result, options.show))
     if out is not None:
         header = {"task": task.name, "target": options.target, "seed": options.seed}
-        write_result(out, result, header)
-        _print(f"wrote {out}")
+        resample_key = None
+        if out.suffix == ".nc" and not options.weighted:
+            resample_key = jax.random.fold_in(_key(options.seed), 1)
+        write_result(out, result, header, resample_key)
+        what = ""
+        if out.suffix == ".nc":
+            what = (
+                " (weighted particles: use sample_stats.weight)"
+                if options.weighted
+                else " (equally weighted resample; --weighted keeps the weighted particles)"
+            )
+        _print(f"wrote {out}{what}")
     return 0
 
 

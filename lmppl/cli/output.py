@@ -65,11 +65,18 @@ def _finite_or_none(values: Any) -> list:
     return [float(v) if math.isfinite(float(v)) else None for v in np.ravel(values)]
 
 
-def write_result(path: Path, result: Any, header: dict[str, Any]) -> None:
-    """``.json``: the samples, texts and weights (``null`` = −∞); ``.nc``: ArviZ netCDF."""
+def write_result(path: Path, result: Any, header: dict[str, Any], resample_key: Any = None) -> None:
+    """``.json``: the samples, texts and weights (``null`` = −∞); ``.nc``: ArviZ netCDF.
+
+    ArviZ treats the draws of a netCDF file as equally weighted (``az.summary`` ignores
+    weights), so with ``resample_key`` the ``.nc`` holds an equally weighted systematic
+    resample of the particles (``sample_stats.particle`` names the source particle);
+    without it, the weighted particles with their weights in ``sample_stats.weight``.
+    The file's ``draws`` attribute says which.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".nc":
-        idata = result.to_arviz()
+        idata = result.to_arviz(resample_key=resample_key)
         idata.to_netcdf(str(path))
         return
     tokens = np.asarray(result.samples[result.site])

@@ -284,7 +284,19 @@ def test_sample_with_twist_uses_twisted_smc_and_writes_arviz_netcdf(capsys, trai
     idata = arviz.from_netcdf(out_file)
     assert idata.posterior.attrs["backend"] == "TwistedSMC"
     assert idata.posterior["s"].shape == (1, 8, 2)
+    # ArviZ reads draws as equally weighted: the default file holds a resample (#15, 9).
+    assert idata.posterior.attrs["draws"] == "resampled (equal weights)"
+    assert "particle" in idata.sample_stats and "equally weighted resample" in out
+    weighted_file = tmp_path / "weighted.nc"
+    argv = ["sample", f"{TINY}:TASK", "--twist", trained, "--particles", 8]
+    code, out, err = run(capsys, *argv, "--out", weighted_file, "--weighted")
+    assert code == 0, err
+    idata = arviz.from_netcdf(weighted_file)
+    assert idata.posterior.attrs["draws"] == "weighted particles"
     assert float(idata.sample_stats["weight"].sum()) == pytest.approx(1.0, rel=1e-5)
+    code, _, err = run(capsys, *argv, "--weighted")
+    assert code == 2
+    assert_one_line_error(err, "--weighted applies to --out FILE.nc")
     code, _, err = run(capsys, "sample", f"{TINY}:TASK", "--twist", trained, "--backend", "smc")
     assert code == 2
     assert_one_line_error(err, "--twist is used by --backend twisted")
