@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -321,13 +322,21 @@ def cmd_bounds(options: argparse.Namespace) -> int:
             tokens.astype(np.int32), enumerated.site, num_draws=num_exact
         )
     else:
-        extra = {"max_draws": options.max_draws} if task.exact == "rejection" else {}
+        extra: dict = {}
+        if task.exact == "rejection":
+            extra = {"max_draws": options.max_draws, "progress": _rejection_bar(num_exact)}
         exact = task.exact_samples(sampler_key, num_exact, **extra)
     rate = f", acceptance rate {exact.acceptance_rate:.3g}" if task.exact == "rejection" else ""
     _print(
         f"exact samples: {exact.num_samples} by {task.exact} ({exact.num_draws} draws{rate}, "
         f"{time.perf_counter() - start:.1f}s)"
     )
+    reference = None
+    if task.exact == "rejection" and exact.num_samples:
+        # P(accept) = Z / exp(log_envelope): an estimate of log Z independent of the bounds.
+        error = math.sqrt(max(1.0 / exact.num_samples - 1.0 / exact.num_draws, 0.0))
+        reference = (math.log(exact.acceptance_rate) + task.log_envelope, error)
+        _print(f"rejection's acceptance rate gives log Z ≈ {reference[0]:.3f} ± {error:.3f}")
     labels = {"smc": "SMC", "is": "SIS", "twisted": "Twisted SMC"}
     table = evaluation.BoundsTable([], log_z=log_z)
     for index, method in enumerate(methods):
@@ -343,6 +352,7 @@ def cmd_bounds(options: argparse.Namespace) -> int:
             kwargs=kwargs,
             name=labels[method],
             log_z=log_z,
+            progress=True,
         )
         _print(f"{labels[method]}: K = {options.particles} in {time.perf_counter() - start:.1f}s")
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -353,11 +363,28 @@ def cmd_bounds(options: argparse.Namespace) -> int:
     figure = _with_suffix(prefix, ".png")
     plots.plot_bounds(table, path=figure, title=title)
     _print("", markdown.rstrip(), "")
+    for problem in table.problems(reference):
+        _print(f"warning: {problem}")
     _print(
         f"figure: {figure}",
         f"table: {_with_suffix(prefix, '.md')}, {_with_suffix(prefix, '.csv')}",
     )
     return 0
+
+
+def _rejection_bar(total: int):
+    """A ``progress(accepted, drawn)`` callback drawing a tqdm bar of accepted samples."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="exact samples (rejection)", unit="sample", leave=False)
+
+    def progress(accepted: int, drawn: int) -> None:
+        bar.update(min(accepted, total) - bar.n)
+        bar.set_postfix_str(f"{drawn} drawn")
+        if accepted >= total:
+            bar.close()
+
+    return progress
 
 
 # --------------------------------------------------------------------------- parser

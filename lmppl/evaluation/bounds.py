@@ -128,6 +128,54 @@ class BoundsTable:
             for row in self.rows
         ]
 
+    def problems(self, reference: tuple[float, float] | None = None) -> list[str]:
+        """Plain-language lines for rows whose numbers cannot be read as bounds.
+
+        * **crossed**: the upper bound's interval lies below the lower bound's: at this K
+          neither is a bound to trust (too few runs, or exact samples that are not exact);
+        * **degenerate**: every run gave the same value (a ``± 0`` interval says nothing
+          about the error), or a bound is infinite (no particle reached the target);
+        * with ``reference = (log Z estimate, standard error)`` from an independent
+          estimator (e.g. rejection's acceptance rate), a lower bound more than 3 standard
+          errors above it or an upper bound more than 3 below it.
+        """
+        lines = []
+        for row in self.rows:
+            where = f"{row.method} K={row.num_particles}"
+            lower, upper = row.lower, row.upper
+            if np.isfinite([lower.mean, upper.mean]).all() and upper.high < lower.low:
+                lines.append(
+                    f"{where}: the bounds cross (upper {upper.mean:.3f} < lower "
+                    f"{lower.mean:.3f} beyond their intervals): trust neither at this K"
+                )
+            for side, interval in (("lower", lower), ("upper", upper)):
+                values = interval.values
+                if not np.isfinite(interval.mean):
+                    lines.append(
+                        f"{where}: the {side} bound is {interval.mean} (no particle reached the "
+                        "target in some run): raise K"
+                    )
+                elif values.size > 1 and np.ptp(values) == 0:
+                    lines.append(
+                        f"{where}: every run gave the same {side} bound {interval.mean:.3f}; "
+                        "its ± 0 says nothing about the error"
+                    )
+            if reference is not None and np.isfinite(reference[0]):
+                estimate, error = reference
+                margin = 3 * error
+                if lower.low > estimate + margin:
+                    lines.append(
+                        f"{where}: the lower bound {lower.mean:.3f} is above the independent "
+                        f"estimate {estimate:.3f} ± {error:.3f}: the sampler is not exact"
+                    )
+                if np.isfinite(upper.high) and upper.high < estimate - margin:
+                    lines.append(
+                        f"{where}: the upper bound {upper.mean:.3f} is below the independent "
+                        f"estimate {estimate:.3f} ± {error:.3f}: the exact samples or the "
+                        "sampler are not exact"
+                    )
+        return lines
+
     def to_csv(self, path: Any = None) -> str:
         """The table as CSV (written to ``path`` if given)."""
         buffer = io.StringIO()
