@@ -28,6 +28,7 @@ import numpyro
 from numpyro.distributions.distribution import Unit
 
 from lmppl.decoding import trim_at_eos, valid_mask
+from lmppl.host_errors import remembered
 from lmppl.lm.base import Tokenizer
 
 __all__ = [
@@ -88,6 +89,7 @@ def text(
     """
     label = name or getattr(score_fn, "__name__", "score_fn")
 
+    @remembered
     def host(tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens)
         texts = _decode_rows(tokens, tokenizer)

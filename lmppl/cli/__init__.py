@@ -245,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except Exception as error:  # e.g. a user's scorer failing inside the sweep
+        if show_traceback:
+            traceback.print_exc()
+        hint = "" if show_traceback else " (--traceback for details)"
+        print(f"{PROG}: error: {type(error).__name__}: {_one_line(error)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

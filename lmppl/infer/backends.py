@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
 from lmppl.infer.result import InferenceResult
@@ -253,6 +254,7 @@ class SMC:
         twist_params = split_twist(twist)[1] if twist is not None else None
         return CompiledProgram(structure, jitted, arrays, twist_params)
 
+    @reraising
     def run(self, rng_key: jax.Array, *args, **kwargs) -> InferenceResult:
         """Run one sweep of ``program(*args, **kwargs)`` and return weighted particles."""
         rng_key = _check_key(rng_key)
@@ -278,6 +280,7 @@ class SMC:
             eos_token_id=site.eos_token_id,
         )
 
+    @reraising
     def log_marginals(self, rng_key: jax.Array, num_runs: int, *args, **kwargs) -> jax.Array:
         """``[num_runs]`` independent log Ẑ estimates, the runs vmapped in one call."""
         rng_key = _check_key(rng_key)
@@ -289,6 +292,7 @@ class SMC:
         check_output(outputs, self.name)
         return outputs.log_marginal
 
+    @reraising
     def conditional_log_marginals(
         self, rng_key: jax.Array, references: jax.Array, *args, **kwargs
     ) -> jax.Array:

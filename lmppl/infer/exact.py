@@ -25,6 +25,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from lmppl.decoding import force_rows, token_log_weights
+from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, ProgramStructure, discover, run_prefix, run_suffix
 from lmppl.infer.result import InferenceResult
@@ -146,6 +147,7 @@ class Exact:
         }
         return structure, sequences, per_token, log_phi, site_log_probs
 
+    @reraising
     def run(self, rng_key: jax.Array | None = None, *args, **kwargs) -> InferenceResult:
         """Enumerate and return the exact target as a weighted result.
 
@@ -179,6 +181,7 @@ class Exact:
             eos_token_id=site.eos_token_id,
         )
 
+    @reraising
     def optimal_twist(self, *args, rng_key: jax.Array | None = None, **kwargs) -> ExactTwist:
         """``ψ*_t(s_1:t) = E_p0[φ | s_1:t]`` for every prefix, as a twist for TwistedSMC.
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import ProgramError, discover
 from lmppl.infer.resampling import effective_sample_size
@@ -213,6 +214,7 @@ def build_train_step(
     return jax.jit(step), model_params, arrays
 
 
+@reraising
 def fit(
     program: Callable,
     twist: Any,
