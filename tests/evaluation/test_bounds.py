@@ -3,10 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from enumerable import classifier, exact, exact_kls, infilling
 
 import lmppl
 from lmppl import evaluation
+from tests.fixtures import classifier_c as classifier
+from tests.fixtures import exact, exact_kls, infilling
 
 RUNS = 200
 

@@ -3,9 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from enumerable import classifier, exact, frequencies, infilling, soft_factor, threshold
 
 from lmppl import evaluation
+from tests.fixtures import classifier_c as classifier
+from tests.fixtures import exact, frequencies, infilling, soft_factor, threshold
 
 
 def assert_frequencies_match(samples, result):

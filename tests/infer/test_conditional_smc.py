@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
-from targets import LM_SMALL
 
 import lmppl
 from lmppl import potentials
+from tests.fixtures import small_lm
 
+LM_SMALL = small_lm()
 RUNS = 4000
 
 # [T, V] per-step log-weights; step t also rewards repeating token 3.

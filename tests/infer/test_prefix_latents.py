@@ -17,12 +17,13 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from targets import LM_SMALL
 
 import lmppl
 from lmppl import potentials
+from tests.fixtures import small_lm
 
 A = jnp.array([0.0, 0.0, -1.5, 0.5, 2.0], jnp.float32)
+LM_SMALL = small_lm()
 RUNS = 400
 
 

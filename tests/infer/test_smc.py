@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from targets import TARGETS
 
 import lmppl
+from tests.fixtures import TARGETS
 
 NUM_RUNS = 300
 

@@ -1,7 +1,5 @@
 """lmppl.LM is a NumPyro distribution: sampling, log_prob, handlers, Predictive."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +11,9 @@ from numpyro.infer import Predictive
 from numpyro.infer.util import log_density
 
 import lmppl
+from tests.fixtures import all_sequences, table_lm
 
-LM = lmppl.table_lm(3, context_length=12, seed=3, scale=1.2)
-
-
-def all_sequences(vocab, steps):
-    return jnp.asarray(list(itertools.product(range(vocab), repeat=steps)), jnp.int32)
+LM = table_lm(3, context_length=12, seed=3, scale=1.2)
 
 
 @pytest.mark.parametrize("stop_at_eos", [True, False])

@@ -12,6 +12,7 @@ import pytest
 import lmppl
 import models
 from models import toxicity
+from tests.fixtures import table_lm
 
 #: Options that keep the runs short: the long infilling ending given as text (the small
 #: setting keeps its default, an ending drawn from p0).
@@ -68,7 +69,7 @@ def test_joint_samples_of_infilling_carry_their_conditions():
     assert len(args) == 1 and np.array_equal(np.asarray(args[0]), exact.conditions[1])
 
 
-LM = lmppl.table_lm(3, context_length=8, seed=4)
+LM = table_lm(3, context_length=8, seed=4)
 
 
 @lmppl.task_factory

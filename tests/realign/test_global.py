@@ -12,16 +12,16 @@ import numpy as np
 import numpyro
 import pytest
 from numpyro.infer.util import log_density
-from realign_models import (
+
+import lmppl
+from tests.fixtures import all_sequences
+from tests.realign.realign_models import (
     PAIRS,
     PROMPT,
-    all_sequences,
     log_sum_exp,
     sequence_log_probs,
     step_log_probs,
 )
-
-import lmppl
 
 STEPS = 3
 NUM_RUNS = 300

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from enumeration import TARGETS, enumerate_samples, log_p0, log_q
 
 import lmppl
 from lmppl.twists.losses import get_loss, log1mexp
 from lmppl.twists.training import build_train_step
+from tests.twists.enumeration import TARGETS, enumerate_samples, log_p0, log_q
 
 NUM_PARTICLES = 256
 NUM_RUNS = 256

@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from enumeration import ENDING, LM, TARGETS, infill, kl_divergences
 
 import lmppl
 from lmppl.twists.losses import TwistLoss
+from tests.fixtures import ENDING
+from tests.fixtures import infilling as infill
+from tests.twists.enumeration import LM, TARGETS, kl_divergences
 
 
 def prefix_marginals(program, args, steps, vocab, eos=None):
@@ -111,7 +113,15 @@ def test_baselines_train_toward_the_target(method):
     after = kl_divergences(program, args, trained)
     print(method, "KL before", before, "after", after)
     assert after[0] < 0.5 * before[0] and after[1] < 0.5 * before[1]
-    assert set(history) == {"step", "loss", "ess", "log_marginal", "grad_norm", "param_norm", "seconds"}
+    assert set(history) == {
+        "step",
+        "loss",
+        "ess",
+        "log_marginal",
+        "grad_norm",
+        "param_norm",
+        "seconds",
+    }
 
 
 @pytest.mark.slow
