@@ -12,6 +12,7 @@ from numpyro.infer.util import log_density
 
 import lmppl
 from tests.fixtures import all_sequences, table_lm
+from tests.statistical import assert_within_standard_errors
 
 LM = table_lm(3, context_length=12, seed=3, scale=1.2)
 
@@ -59,7 +60,7 @@ def test_sample_frequencies_match_probabilities():
     codes = samples[:, 0] * LM.vocab_size + samples[:, 1]
     freq = np.bincount(codes, minlength=len(probs)) / n
     error = np.sqrt(probs * (1 - probs) / n)
-    assert np.all(np.abs(freq - probs) <= 4 * error + 1e-9)
+    assert_within_standard_errors(freq, probs, k=4, standard_error=error, atol=1e-9, inclusive=True)
 
 
 def test_batched_prompts_and_values():
