@@ -16,6 +16,7 @@ import pytest
 
 import lmppl
 from lmppl.cli import main, parse_options, resolve_target
+from tests.fixtures import small_lm, table_lm
 
 HERE = Path(__file__).parent
 TINY = str(HERE / "tiny_targets.py")
@@ -266,9 +267,7 @@ def test_train_twist_writes_a_checkpoint_and_history(trained):
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    twist = lmppl.twists.load_twist(
-        trained / "twist.npz", lmppl.table_lm(3, context_length=12, seed=1)
-    )
+    twist = lmppl.twists.load_twist(trained / "twist.npz", small_lm())
     assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in twist.params["layers"][-1].values())
 
 
@@ -304,7 +303,7 @@ def test_sample_with_twist_uses_twisted_smc_and_writes_arviz_netcdf(capsys, trai
 
 def test_sample_warns_when_the_twist_file_records_bounds_far_apart(capsys, trained, tmp_path):
     info = lmppl.twists.read_twist_info(trained / "twist.npz")
-    lm = lmppl.table_lm(3, context_length=12, seed=1)
+    lm = small_lm()
     twist = lmppl.twists.load_twist(trained / "twist.npz", lm)
     metadata = {
         **info["metadata"],
@@ -319,8 +318,8 @@ def test_sample_warns_when_the_twist_file_records_bounds_far_apart(capsys, train
 
 
 def test_twist_of_another_model_is_refused(capsys, tmp_path):
-    other = lmppl.twists.LinearTwist(lmppl.table_lm(4, context_length=12))
-    lmppl.twists.save_twist(tmp_path / "twist.npz", other, lm=lmppl.table_lm(4, context_length=12))
+    other = lmppl.twists.LinearTwist(table_lm(4, context_length=12))
+    lmppl.twists.save_twist(tmp_path / "twist.npz", other, lm=table_lm(4, context_length=12))
     code, _, err = run(capsys, "sample", f"{TINY}:TASK", "--twist", tmp_path)
     assert code == 1
     assert_one_line_error(err, "trained on table-6", "vocab 6")
@@ -328,7 +327,7 @@ def test_twist_of_another_model_is_refused(capsys, tmp_path):
 
 def test_twist_folder_of_the_learn_twists_recipe_loads(capsys, tmp_path):
     """A bare ``twist.npz`` beside the recipe's ``config.json`` is rebuilt from that config."""
-    twist = lmppl.twists.MLPTwist(lmppl.table_lm(3, context_length=12, seed=1), 4)
+    twist = lmppl.twists.MLPTwist(small_lm(), 4)
     lmppl.twists.save_checkpoint(tmp_path / "twist.npz", twist.params)  # no class record
     (tmp_path / "config.json").write_text(
         json.dumps({"task": "tiny", "method": "rl", "twist": "mlp", "hidden_size": 4})

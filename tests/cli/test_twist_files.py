@@ -9,8 +9,9 @@ import pytest
 
 import lmppl
 from lmppl import twists
+from tests.fixtures import small_lm, table_lm
 
-LM = lmppl.table_lm(3, context_length=12, seed=1)  # vocab 5, hidden 8
+LM = small_lm()  # vocab 5, hidden 8
 
 
 def randomised(twist, seed: int = 0):
@@ -77,7 +78,7 @@ def test_transformer_twist_round_trip(tmp_path):
 
 def test_errors_are_one_line(tmp_path):
     path = twists.save_twist(tmp_path / "t.npz", twists.LinearTwist(LM), lm=LM)
-    other = lmppl.table_lm(4, context_length=12)
+    other = table_lm(4, context_length=12)
     with pytest.raises(
         ValueError, match=r"trained on table-5 \(vocab 5, hidden 8\), not on table-6"
     ):

@@ -6,11 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from enumerable import LM, classifier
 
 import lmppl
 from lmppl import evaluation, plots
 from lmppl.diagnostics import run_many, runs_to_arviz
+from tests.fixtures import classifier_c as classifier
+from tests.fixtures import small_lm
+
+LM = small_lm()
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)

@@ -9,8 +9,9 @@ import pytest
 
 import lmppl
 from lmppl import potentials
+from tests.fixtures import table_lm
 
-LM = lmppl.table_lm(3, context_length=8, seed=0)
+LM = table_lm(3, context_length=8, seed=0)
 
 
 def test_program_without_lm_site():

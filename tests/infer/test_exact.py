@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
-from targets import TARGETS, brute_force, log_z
 
 import lmppl
+from tests.fixtures import TARGETS, brute_force, log_z
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

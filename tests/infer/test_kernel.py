@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.special import logsumexp
-from targets import TARGETS
 
 import lmppl
 from lmppl.infer.kernel import BoundProgram, SweepOptions, build_kernel, finalize, init
 from lmppl.infer.program import discover
 from lmppl.infer.proposal import propose
 from lmppl.infer.sweep import build_sweep
+from tests.fixtures import TARGETS
 
 LOG_P0 = jax.nn.log_softmax(jnp.array([[0.3, -1.0, 2.0, 0.0], [1.0, 1.0, -0.5, 0.2]]), axis=-1)
 STEP = jnp.array([[0.0, -jnp.inf, 0.5, 1.0], [-0.3, 0.2, 0.0, 0.0]])

@@ -17,12 +17,14 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from targets import LM_SMALL
 
 import lmppl
 from lmppl import potentials
+from tests.fixtures import small_lm
+from tests.statistical import assert_within_standard_errors
 
 A = jnp.array([0.0, 0.0, -1.5, 0.5, 2.0], jnp.float32)
+LM_SMALL = small_lm()
 RUNS = 400
 
 
@@ -56,11 +58,8 @@ def test_step_potential_reads_each_particles_prefix_latent(ess_threshold):
     estimates = np.asarray(jnp.sum(weights * outputs.latent_values["z"], axis=-1), np.float64)
     ratios = np.exp(np.asarray(outputs.log_marginal, np.float64) - log_z)
     unnormalised = ratios * estimates  # unbiased for P(z = 1 | ·)
-    error = unnormalised.std(ddof=1) / np.sqrt(RUNS)
-    assert abs(unnormalised.mean() - posterior) < 4 * error, (
-        unnormalised.mean(),
-        estimates.mean(),
-        posterior,
-        error,
+    assert unnormalised.shape == ratios.shape == (RUNS,)
+    assert_within_standard_errors(
+        unnormalised, posterior, k=4, context=f"self-normalised mean {estimates.mean()}"
     )
-    assert abs(ratios.mean() - 1.0) < 4 * ratios.std(ddof=1) / np.sqrt(RUNS)
+    assert_within_standard_errors(ratios, 1.0, k=4)

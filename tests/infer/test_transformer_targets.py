@@ -13,6 +13,7 @@ import pytest
 
 import lmppl
 from lmppl.lm.random_init import random_lm
+from tests.statistical import assert_within_standard_errors
 
 ARCHITECTURES = ["llama", "gpt2", "gpt_neo"]
 NUM_RUNS = 300
@@ -38,8 +39,8 @@ def test_smc_is_unbiased_on_a_transformer(architecture):
     sampler = lmppl.infer.SMC(program, 8, ess_threshold=1.0)
     estimates = np.asarray(sampler.log_marginals(jax.random.key(0), NUM_RUNS, ending), np.float64)
     ratios = np.exp(estimates - float(exact.log_marginal))
-    error = ratios.std(ddof=1) / np.sqrt(NUM_RUNS)
-    assert abs(ratios.mean() - 1.0) < 4 * error, (ratios.mean(), error)
+    assert ratios.size == NUM_RUNS
+    assert_within_standard_errors(ratios, 1.0, k=4)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -78,8 +79,11 @@ def test_resampled_particles_match_sigma_on_a_transformer():
     for seq in top:
         p = target[seq]
         # SMC draws are correlated through resampling: allow 6 binomial standard errors.
-        assert abs(counts.get(seq, 0) / n - p) < 6 * np.sqrt(p * (1 - p) / n) + 2e-3, (
-            seq,
-            p,
+        assert_within_standard_errors(
             counts.get(seq, 0) / n,
+            p,
+            k=6,
+            standard_error=np.sqrt(p * (1 - p) / n),
+            atol=2e-3,
+            context=f"frequency of {seq}",
         )

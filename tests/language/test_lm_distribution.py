@@ -1,7 +1,5 @@
 """lmppl.LM is a NumPyro distribution: sampling, log_prob, handlers, Predictive."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +11,10 @@ from numpyro.infer import Predictive
 from numpyro.infer.util import log_density
 
 import lmppl
+from tests.fixtures import all_sequences, table_lm
+from tests.statistical import assert_within_standard_errors
 
-LM = lmppl.table_lm(3, context_length=12, seed=3, scale=1.2)
-
-
-def all_sequences(vocab, steps):
-    return jnp.asarray(list(itertools.product(range(vocab), repeat=steps)), jnp.int32)
+LM = table_lm(3, context_length=12, seed=3, scale=1.2)
 
 
 @pytest.mark.parametrize("stop_at_eos", [True, False])
@@ -64,7 +60,7 @@ def test_sample_frequencies_match_probabilities():
     codes = samples[:, 0] * LM.vocab_size + samples[:, 1]
     freq = np.bincount(codes, minlength=len(probs)) / n
     error = np.sqrt(probs * (1 - probs) / n)
-    assert np.all(np.abs(freq - probs) <= 4 * error + 1e-9)
+    assert_within_standard_errors(freq, probs, k=4, standard_error=error, atol=1e-9, inclusive=True)
 
 
 def test_batched_prompts_and_values():

@@ -18,17 +18,16 @@ from lmppl.infer.twist import TwistInputs
 from lmppl.potentials import STEP_POTENTIAL_KEY
 from lmppl.twists import LinearTwist, MLPTwist, TabularTwist
 from lmppl.twists.losses import LOSSES
+from tests.fixtures import small_lm, table_lm
 
-TABLE = lmppl.table_lm(3, context_length=12, seed=1)  # vocab 5
+TABLE = small_lm()  # vocab 5
 LANGUAGE_MODELS = {
     "table": lambda: TABLE,
     "llama": lambda: lmppl.random_lm("llama", symbols=3, num_layers=1, seed=1),
     "gpt2": lambda: lmppl.random_lm("gpt2", symbols=3, num_layers=1, seed=2),
-    "realigned_token": lambda: lmppl.realign(
-        TABLE, lmppl.table_lm(3, context_length=12, seed=2), 0.5
-    ),
+    "realigned_token": lambda: lmppl.realign(TABLE, table_lm(3, context_length=12, seed=2), 0.5),
     "realigned_global": lambda: lmppl.realign(
-        TABLE, lmppl.table_lm(3, context_length=12, seed=2), 0.5, mode="global"
+        TABLE, table_lm(3, context_length=12, seed=2), 0.5, mode="global"
     ),
 }
 

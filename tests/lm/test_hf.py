@@ -8,33 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from lmppl.lm.base import Tokenizer as TokenizerProtocol
 from lmppl.lm.build import build_network, config_from_hf
 from lmppl.lm.hf import HFTokenizer, load_hf
+from tests.fixtures import save_tokenizer
 
 FLOAT32_PARITY = 1e-4  # float32 round-off over a few layers of width 32 (see test_parity.py)
 CORPUS = ["once upon a time there was a cat", "the cat sat on a mat", "a dog ran"] * 5
 
 
 def save_tiny_tokenizer(folder) -> None:
-    """A byte-level BPE tokenizer trained here on a few sentences, BOS ``<s>`` prepended."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=48, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", 1)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.save_pretrained(folder)
+    """A byte-level BPE tokenizer (vocabulary 48) trained on :data:`CORPUS`."""
+    save_tokenizer(folder, CORPUS, vocab_size=48)
 
 
 @pytest.mark.parametrize(("case", "shard_size"), [("llama_gqa_untied", "20KB"), ("gpt_neo", None)])

@@ -12,10 +12,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from hf_folders import save_causal_lm, save_classifier, torch_probabilities, torch_scores
 
 import lmppl
 from models import sentiment, toxicity
+from tests.fixtures import save_causal_lm, save_classifier, torch_probabilities, torch_scores
 
 TEXTS = ["once upon a time", "a cat", "the dog sat on a mat and ran to the park", "", "I hate it!"]
 

@@ -12,6 +12,8 @@ import pytest
 import lmppl
 import models
 from models import toxicity
+from tests.fixtures import table_lm
+from tests.statistical import assert_within_standard_errors
 
 #: Options that keep the runs short: the long infilling ending given as text (the small
 #: setting keeps its default, an ending drawn from p0).
@@ -68,7 +70,7 @@ def test_joint_samples_of_infilling_carry_their_conditions():
     assert len(args) == 1 and np.array_equal(np.asarray(args[0]), exact.conditions[1])
 
 
-LM = lmppl.table_lm(3, context_length=8, seed=4)
+LM = table_lm(3, context_length=8, seed=4)
 
 
 @lmppl.task_factory
@@ -104,4 +106,12 @@ def test_enumeration_samples_follow_the_target():
     for seq, count in counts.items():
         p = sigma.get(seq, 0.0)
         standard_error = np.sqrt(max(p * (1 - p), 1e-12) / 4000)
-        assert abs(count / 4000 - p) <= 4 * standard_error + 1e-9, (seq, count, p)
+        assert_within_standard_errors(
+            count / 4000,
+            p,
+            k=4,
+            standard_error=standard_error,
+            atol=1e-9,
+            inclusive=True,
+            context=f"frequency of {seq}",
+        )

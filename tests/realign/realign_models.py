@@ -9,25 +9,13 @@ lmppl's cached decoding.
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import lmppl
+from tests.fixtures import realign_pairs
 
-PAIRS = {
-    # vocab 5: <s> </s> a b c; different context lengths (the realigned model uses 10).
-    "table": (
-        lmppl.table_lm(3, context_length=12, seed=11),
-        lmppl.table_lm(3, context_length=10, seed=12, scale=1.5),
-    ),
-    "transformer": (
-        lmppl.random_lm("llama", symbols=3, num_layers=1, seed=1, scale=2.0),
-        lmppl.random_lm("gpt2", symbols=3, num_layers=1, seed=2, scale=2.0),
-    ),
-}
+PAIRS = realign_pairs()  # table: seeds 11 / 12; transformer: Llama / GPT-2
 
 PROMPT = "ab"  # [<s>, a, b]: 3 tokens
 
@@ -48,10 +36,6 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def all_sequences(vocab: int, steps: int) -> np.ndarray:
-    return np.asarray(list(itertools.product(range(vocab), repeat=steps)), np.int32)
 
 
 def step_log_probs(lm, prompt_ids: list[int], sequences: np.ndarray) -> np.ndarray:

@@ -6,19 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from realign_models import (
+
+import lmppl
+from lmppl.lm.base import broadcast_cache, reorder_cache
+from lmppl.realign import RealignCache, RealignParams
+from tests.fixtures import all_sequences
+from tests.realign.realign_models import (
     PAIRS,
     PROMPT,
-    all_sequences,
     forward_logits,
     log_softmax,
     sequence_log_probs,
     step_log_probs,
 )
-
-import lmppl
-from lmppl.lm.base import broadcast_cache, reorder_cache
-from lmppl.realign import RealignCache, RealignParams
 
 STEPS = 3
 _MODELS: dict = {}

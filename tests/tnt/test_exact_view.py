@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tnt_common import LM, PROMPT, UNWANTED, all_sequences
 
 import lmppl
 from lmppl import tnt
+from tests.fixtures import all_sequences
+from tests.tnt.tnt_common import LM, PROMPT, UNWANTED
 
 STEPS = 4
 

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tnt_common import LM, PROMPT, all_sequences, make_batch, perturbed, stepwise_log_probs
 
 from lmppl import tnt
+from tests.fixtures import all_sequences
+from tests.tnt.tnt_common import LM, PROMPT, make_batch, perturbed, stepwise_log_probs
 
 EPS = 1e-6
 KL_LOSSES = ("tnff", "tnrr", "tnrf")

@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tnt_common import LM, PROMPT, UNWANTED, all_sequences
 
 import lmppl
 from lmppl import tnt
 from lmppl.twists import TrainingDiverged
+from tests.fixtures import all_sequences
+from tests.tnt.tnt_common import LM, PROMPT, UNWANTED
 
 STEPS = 4
 

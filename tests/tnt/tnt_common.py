@@ -1,18 +1,16 @@
-"""Tiny models and data shared by the TNT tests."""
+"""The TNT tests' model, prompt and helpers (the model is :func:`tests.fixtures.tnt_lm`)."""
 
 from __future__ import annotations
-
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import lmppl
 from lmppl.decoding import feed, next_token_log_probs, prefill
 from lmppl.tnt import TNTBatch, old_log_probs
+from tests.fixtures import tnt_lm
 
-LM = lmppl.random_lm("llama", symbols=4, context_length=12, scale=2.0, seed=3)  # <s> </s> a b c d
+LM = tnt_lm()  # a random Llama over <s> </s> a b c d
 PROMPT = jnp.array([0, 2], jnp.int32)  # "<s>a"
 UNWANTED = 3  # "b"
 
@@ -52,7 +50,3 @@ def make_batch(lm, prompt, tokens, mask, valid=None, weights=None) -> TNTBatch:
         old_log_probs=jnp.asarray(old_log_probs(lm, prompt, prompt.shape[0], tokens)),
         weights=jnp.ones((rows,), jnp.float32) if weights is None else jnp.asarray(weights),
     )
-
-
-def all_sequences(vocab, steps):
-    return np.asarray(list(itertools.product(range(vocab), repeat=steps)), np.int32)

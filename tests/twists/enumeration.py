@@ -1,38 +1,20 @@
-"""Exact quantities by enumeration for twist tests: targets, teacher-forced samples, KL."""
+"""Exact quantities by enumeration for twist tests: teacher-forced samples and KL (the
+models and targets are :mod:`tests.fixtures`')."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 
 import lmppl
 from lmppl.infer.program import discover, run_prefix
 from lmppl.twists.samples import Samples, base_pass, twist_sequence
+from tests.fixtures import classifier_c_not_a, short, small_lm
 
-LM = lmppl.table_lm(3, context_length=12, seed=1)  # vocab 5: <s> </s> a b c
-LM_EOS = lmppl.table_lm(4, context_length=12, seed=2, scale=1.5)  # vocab 6
+LM = small_lm()  # vocab 5: <s> </s> a b c
+classifier = classifier_c_not_a  # φ = sigmoid(1.5·#c − 0.5·#a − 1): FUDGE applies
 
-
-def classifier(ending=None):
-    """φ = sigmoid(1.5·#c − 0.5·#a − 1): a probability, so FUDGE applies."""
-    s = numpyro.sample("s", lmppl.LM(LM, "a", 3, stop_at_eos=False))
-    numpyro.factor("p_class", jax.nn.log_sigmoid(1.5 * jnp.sum(s == 4) - 0.5 * jnp.sum(s == 2) - 1))
-
-
-def short(ending=None):
-    """Sequences that stop early (EOS) are preferred; log φ <= 0."""
-    s = numpyro.sample("s", lmppl.LM(LM_EOS, "ab", 3))
-    numpyro.factor("short", -0.7 * jnp.sum(s != 1))
-
-
-def infill(ending):
-    s = numpyro.sample("s", lmppl.LM(LM, "a", 3, stop_at_eos=False))
-    numpyro.sample("ending", lmppl.LM(LM, lmppl.concat("a", s), 2, stop_at_eos=False), obs=ending)
-
-
-ENDING = jnp.array([4, 2], jnp.int32)
 TARGETS = {"classifier": (classifier, ()), "short": (short, ())}
 
 

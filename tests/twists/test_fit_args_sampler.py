@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from enumeration import ENDING, LM, infill, kl_divergences
 
 import lmppl
 from lmppl.twists.training import StepArguments
+from tests.fixtures import ENDING
+from tests.fixtures import infilling as infill
+from tests.twists.enumeration import LM, kl_divergences
 
 CONDITION = lambda ending: ending  # noqa: E731
 

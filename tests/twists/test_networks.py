@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from enumeration import ENDING, LM, TARGETS, infill
 
 import lmppl
 from lmppl.infer.twist import TwistInputs
 from lmppl.twists.base import prefix_mask
+from tests.fixtures import ENDING
+from tests.fixtures import infilling as infill
+from tests.twists.enumeration import LM, TARGETS
 
 TWISTS = {
     "linear": lambda: lmppl.twists.LinearTwist(LM),

@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from enumeration import ENDING, LM, TARGETS, infill, kl_divergences
 
 import lmppl
 from lmppl.twists.losses import TwistLoss
+from tests.fixtures import ENDING
+from tests.fixtures import infilling as infill
+from tests.twists.enumeration import LM, TARGETS, kl_divergences
 
 
 def prefix_marginals(program, args, steps, vocab, eos=None):
