@@ -17,10 +17,11 @@ Steps:
    The hits are split (at random) into train positives, a validation set (the in-training
    evaluation picks the best twist on it) and held-out exact samples (the upper bounds).
 2. **Twist.** An MLP head (``lmppl.twists.MLPTwist``) trained with ``lmppl.twists.fit(...,
-   "ctl")``: positives are exact (``target_sampler`` draws N train positives with
-   replacement at every step), negatives come from the default mixture batch (the twisted SIS
-   batch pooled with p0 rollouts), ``eval_every`` with the validation hits keeps the best
-   evaluated parameters.
+   "ctl")`` whose positives are exact: ``target_sampler`` draws N of the train hits (with
+   replacement) at every step; ``eval_every`` with the validation hits keeps the best
+   evaluated parameters (early stopping: with a few dozen positives the twist overfits).
+   Optionally (``--steps``, off by default) a second phase continues with ``fit``'s default
+   recipe (positives from the mixture batch: the twisted SIS batch pooled with p0 rollouts).
 3. **Bounds vs K.** For each K, ``--runs`` runs of the lower bound E[log Ẑ_K] and of the
    conditional-SMC upper bound on the held-out exact samples
    (``lmppl.evaluation.log_z_bounds``), for (a) ``lmppl.infer.SMC`` with p0 as proposal
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import shlex
@@ -144,71 +146,102 @@ def importance_curves(p: float, k: np.ndarray, floor: float) -> tuple[np.ndarray
         for clamped, out in ((0, lower), (1, upper)):
             n = int(size) - clamped
             mean, sd = n * p, math.sqrt(n * p * (1 - p))
+            bottom = int(max(0, math.floor(mean - 12 * sd - 20)))
             top = int(min(n, math.ceil(mean + 12 * sd + 20)))
-            h = np.arange(0, top + 1)
+            h = np.arange(bottom, top + 1)  # the binomial's mass outside is negligible
             pmf = binom.pmf(h, n, p)
             z = (clamped + h + floor * (n - h)) / size
             out.append(float(np.sum(pmf * np.log(z)) / np.sum(pmf)))
     return np.asarray(lower), np.asarray(upper)
 
 
+@functools.lru_cache(maxsize=4)
+def p0_curves(p: float, floor: float):
+    """``(K, lower, upper)`` of :func:`importance_curves` on the figure's K grid (1 to 1e8)."""
+    k = np.unique(np.round(np.logspace(0, 8, 81)).astype(np.int64))
+    return (k, *importance_curves(p, k, floor))
+
+
 def train(task, options, train_hits, validation, rng_key, log=print):
+    """Two phases of CTL on one MLP twist (the second starts from the first's parameters):
+
+    1. ``--exact-steps`` steps with exact positives (``target_sampler``: N train hits drawn
+       with replacement), which bring the twisted proposal to the rare event;
+    2. ``--steps`` steps of ``fit``'s default recipe (positives from the importance-weighted
+       mixture batch: the twisted SIS batch, which now contains hits, pooled with p0
+       rollouts), which sees new hits at every step instead of the few train hits.
+
+    The evaluation (``--eval-every``, on the validation hits) runs in the last phase that
+    has steps and keeps its best evaluated parameters. Returns ``(twist, histories, seconds,
+    warnings)`` with one history per phase that ran."""
     twist = lmppl.twists.MLPTwist(task.lm, hidden_size=options.hidden, seed=options.seed)
     positives = jnp.asarray(train_hits, jnp.int32)
 
     def target_sampler(key, n):
         return positives[jax.random.randint(key, (n,), 0, positives.shape[0])]
 
-    extra = {}
-    if options.eval_every:
-        extra = dict(
-            eval_every=options.eval_every,
-            exact_samples=validation,
-            eval_particles=options.eval_particles,
-            eval_runs=options.eval_runs,
-        )
+    phases = [
+        ("exact", options.exact_steps, {"target_sampler": target_sampler}),
+        ("mixture", options.steps, {}),
+    ]
+    phases = [phase for phase in phases if phase[1] > 0]
+    histories = {}
     began = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", lmppl.twists.TwistGapWarning)
-        trained, history = lmppl.twists.fit(
-            task.program,
-            twist,
-            "ctl",
-            num_steps=options.steps,
-            num_particles=options.particles,
-            learning_rate=options.lr,
-            rng_key=rng_key,
-            args=task.args,
-            kwargs=task.kwargs,
-            target_sampler=target_sampler,
-            progress=options.progress,
-            **extra,
-        )
+        for index, (name, steps, extra) in enumerate(phases):
+            if options.eval_every and index == len(phases) - 1:
+                extra = dict(
+                    extra,
+                    eval_every=options.eval_every,
+                    exact_samples=validation,
+                    eval_particles=options.eval_particles,
+                    eval_runs=options.eval_runs,
+                )
+            twist, histories[name] = lmppl.twists.fit(
+                task.program,
+                twist,
+                "ctl",
+                num_steps=steps,
+                num_particles=options.particles,
+                learning_rate=options.lr,
+                rng_key=jax.random.fold_in(rng_key, index),
+                args=task.args,
+                kwargs=task.kwargs,
+                progress=options.progress,
+                **extra,
+            )
+            log(f"twist phase {name}: {steps} steps ({time.perf_counter() - began:.0f}s)")
     seconds = time.perf_counter() - began
     warned = [
         str(w.message) for w in caught if issubclass(w.category, lmppl.twists.TwistGapWarning)
     ]
-    return trained, history, seconds, warned
+    return twist, histories, seconds, warned
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--draws", type=int, default=1_638_400, help="p0 draws for the pool")
+    parser.add_argument("--draws", type=int, default=1_146_880, help="p0 draws for the pool")
     parser.add_argument("--batch", type=int, default=4096, help="p0 draws per sweep")
     parser.add_argument("--save-every", type=int, default=20, help="batches between pool saves")
     parser.add_argument("--limit", type=float, default=-5.0, help="toxicity score limit")
     parser.add_argument("--num-tokens", type=int, default=10)
     parser.add_argument("--floor", type=float, default=1e-16)
-    parser.add_argument("--heldout", type=int, default=24, help="hits kept for upper bounds")
-    parser.add_argument("--validation", type=int, default=8, help="hits for eval_every")
+    parser.add_argument("--heldout", type=int, default=10, help="hits kept for upper bounds")
+    parser.add_argument("--validation", type=int, default=4, help="hits for eval_every")
     parser.add_argument("--pool-only", action="store_true", help="stop after the pool")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--exact-steps", type=int, default=60, help="CTL steps with exact positives (phase 1)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=0, help="CTL steps with mixture-batch positives (phase 2)"
+    )
     parser.add_argument("--particles", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--eval-every", type=int, default=50, help="0: no evaluation")
+    parser.add_argument("--eval-every", type=int, default=10, help="0: no evaluation")
     parser.add_argument("--eval-particles", type=int, default=256)
-    parser.add_argument("--eval-runs", type=int, default=8)
+    parser.add_argument("--eval-runs", type=int, default=4)
     parser.add_argument("--K", type=int, nargs="+", default=[4, 16, 64, 256, 1024, 4096])
     parser.add_argument("--p0-K", type=int, nargs="*", default=[16384], help="extra K for p0")
     parser.add_argument("--runs", type=int, default=10)
@@ -251,7 +284,7 @@ def main(argv=None) -> int:
     train_hits = hits[options.heldout + options.validation :]
 
     # 2. twist
-    trained, history, seconds, warned = train(
+    trained, histories, seconds, warned = train(
         task,
         options,
         train_hits,
@@ -260,12 +293,13 @@ def main(argv=None) -> int:
         log,
     )
     timings["train"] = seconds
-    lmppl.twists.save_twist(options.out / "twist.npz", trained, lm=task.lm, history=history)
+    history = list(histories.values())[-1]
+    lmppl.twists.save_twist(options.out / "twist.npz", trained, lm=task.lm, history=histories)
     ess_last = float(np.mean(history["ess"][-20:]))
     log(
-        f"twist: CTL, {options.steps} steps, {len(train_hits)} train positives, {seconds:.0f}s; "
-        f"SIS ESS/N (last 20 steps) {ess_last:.3f}; best step {history.get('best_step', '-')}"
-        + (f"; warned: {warned[0]}" if warned else "")
+        f"twist: CTL, {options.exact_steps} + {options.steps} steps, {len(train_hits)} train "
+        f"positives, {seconds:.0f}s; SIS ESS/N (last 20 steps) {ess_last:.3f}; best step "
+        f"{history.get('best_step', '-')}" + (f"; warned: {warned[0]}" if warned else "")
     )
 
     # 3. bounds vs K
@@ -277,9 +311,20 @@ def main(argv=None) -> int:
         ),
         "p0 (SMC)": (lambda program, k: lmppl.infer.SMC(program, k), options.K + options.p0_K),
     }
+    # p0's bounds do not depend on the twist: cached per (pool, split, K, runs, seed)
+    cache_path = options.out / f"p0_bounds_{pool_path(options).stem}.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows = []
     for index, (method, (backend, ks)) in enumerate(backends.items()):
         for k in sorted(set(ks)):
+            cache_key = f"heldout{options.heldout}_K{k}_runs{options.runs}_draws{ref['draws']}"
+            if method == "p0 (SMC)" and cache_key in cache:
+                rows.append(cache[cache_key])
+                log(f"{method:24s} K={k:6d}: cached in {cache_path.name}")
+                write(
+                    rows, ref, options, command, history, ess_last, warned, len(train_hits), timings
+                )
+                continue
             began = time.perf_counter()
             table = lmppl.evaluation.log_z_bounds(
                 task.program,
@@ -312,6 +357,9 @@ def main(argv=None) -> int:
                 f"{r['upper']:8.3f} ± {r['upper_ci']:.3f}  gap {r['gap']:7.3f}  ({r['seconds']:.0f}s)"
             )
             timings[f"bounds {method} K={k}"] = r["seconds"]
+            if method == "p0 (SMC)":
+                cache[cache_key] = r
+                cache_path.write_text(json.dumps(cache, indent=1) + "\n")
             write(rows, ref, options, command, history, ess_last, warned, len(train_hits), timings)
     return 0
 
@@ -328,8 +376,7 @@ def write(rows, ref, options, command, history, ess_last, warned, num_train, tim
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    curve_k = np.unique(np.round(np.logspace(0, 8, 81)).astype(np.int64))
-    curve_lower, curve_upper = importance_curves(ref["p"], curve_k, options.floor)
+    curve_k, curve_lower, curve_upper = p0_curves(ref["p"], options.floor)
     meet_curve = next(
         (
             int(k)
@@ -366,8 +413,9 @@ def write(rows, ref, options, command, history, ess_last, warned, num_train, tim
         f"log Z = {ref['log_z']:.3f} ± {ref['log_z_se']:.3f}. log({options.floor:g}) = "
         f"{log_floor:.2f}.",
         "",
-        f"Twist: MLP (width {options.hidden}), CTL, {options.steps} Adam steps at lr {options.lr}, "
-        f"N = {options.particles}, exact positives from {num_train} train hits, mixture batch, "
+        f"Twist: MLP (width {options.hidden}), CTL at lr {options.lr}, N = {options.particles}: "
+        f"{options.exact_steps} Adam steps with exact positives (from {num_train} train hits), "
+        f"then {options.steps} steps with positives from the mixture batch; "
         f"best of evaluations every {options.eval_every} steps on {options.validation} "
         f"validation hits (best step {history.get('best_step', '-')}); SIS ESS/N over the last "
         f"20 steps {ess_last:.3f}. Upper bounds: conditional SMC on {options.heldout} held-out "
