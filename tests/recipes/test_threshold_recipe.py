@@ -20,7 +20,8 @@ from inference import threshold_bounds as recipe
 @pytest.mark.slow
 def test_threshold_recipe_writes_table_figure_and_cache(tmp_path):
     argv = ["--limit", "1", "--num-tokens", "4", "--draws", "2048", "--batch", "1024"]
-    argv += ["--heldout", "2", "--validation", "2", "--steps", "2", "--particles", "8"]
+    argv += ["--heldout", "2", "--validation", "2", "--exact-steps", "2", "--steps", "0"]
+    argv += ["--particles", "8"]
     argv += ["--eval-every", "2", "--eval-particles", "8", "--eval-runs", "2"]
     argv += ["--K", "4", "--p0-K", "--runs", "2", "--out", str(tmp_path)]
     assert recipe.main(argv) == 0
