@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lmppl
-from tests.fixtures import TARGETS
+from tests.fixtures import TARGETS, small_lm
 from tests.statistical import assert_within_standard_errors, mean_and_standard_error
 
 NUM_RUNS = 300
@@ -111,7 +111,7 @@ def test_weights_target_sigma_for_carried_latent_sites():
     import numpyro
     import numpyro.distributions as dist
 
-    lm = TARGETS["soft_factor"][0].__globals__["LM_SMALL"]
+    lm = small_lm()  # the soft_factor target's model
 
     def program():
         z = numpyro.sample("z", dist.Bernoulli(0.3))

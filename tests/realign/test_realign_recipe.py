@@ -41,7 +41,8 @@ def test_realign_recipe_writes_a_consistent_table(tmp_path):
             "2",
         ]
     )
-    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    with open(out.with_suffix(".csv"), newline="") as handle:  # closed: ResourceWarning is an error
+        rows = list(csv.DictReader(handle))
     assert [float(r["lam"]) for r in rows] == [0.0, 0.5, 1.0]
     # λ = 0 is the reference itself: same key ⇒ identical stories, and log Z_0 = 0.
     assert float(rows[0]["token_bleu_paired"]) == pytest.approx(100.0)

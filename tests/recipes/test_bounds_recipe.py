@@ -29,7 +29,8 @@ def test_bounds_recipe_writes_table_figure_and_report(tmp_path):
             "4",
         ]
     )
-    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    with open(out.with_suffix(".csv"), newline="") as handle:  # closed: ResourceWarning is an error
+        rows = list(csv.DictReader(handle))
     assert rows, "empty bounds table"
     for row in rows:
         values = [float(v) for key, v in row.items() if "lower" in key or "upper" in key]

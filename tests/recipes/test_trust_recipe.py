@@ -15,7 +15,8 @@ def test_trust_recipe_writes_table_and_figure(tmp_path):
     argv = ["--tasks", "infilling-fixed", "--reference-draws", "8192", "--exact", "2"]
     argv += ["--steps", "4", "--particles", "8", "--eval-every", "2", "--K", "8", "--runs", "2"]
     assert recipe.main([*argv, "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "trust.csv")))
+    with open(tmp_path / "trust.csv", newline="") as handle:  # closed: ResourceWarning is an error
+        rows = list(csv.DictReader(handle))
     assert [r["recipe"] for r in rows] == ["old", "default"]
     for row in rows:
         for name in ("reference", "lower", "upper", "gap"):
