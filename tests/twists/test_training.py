@@ -124,7 +124,6 @@ def test_baselines_train_toward_the_target(method):
     }
 
 
-@pytest.mark.slow
 def _resumable_run():
     """The short target, a fresh-twist factory and fit options shared by the resume tests."""
     program, args = TARGETS["short"]
@@ -135,6 +134,7 @@ def _resumable_run():
     return program, make, options
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_to_the_same_parameters(tmp_path):
     program, make, options = _resumable_run()
     straight, straight_history = lmppl.twists.fit(program, make(), "ctl", num_steps=6, **options)
