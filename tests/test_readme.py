@@ -35,7 +35,11 @@ def snippets() -> list[str]:
 def test_the_first_snippet_runs_as_written():
     lm = lmppl.load("stories260k")
     namespace = {
-        "ending_ids": jnp.asarray(lm.tokenizer.encode(" a little girl named Lily. She loved to play outside.", add_bos=False)[:10]),
+        "ending_ids": jnp.asarray(
+            lm.tokenizer.encode(
+                " a little girl named Lily. She loved to play outside.", add_bos=False
+            )[:10]
+        ),
         "twist": lmppl.twists.MLPTwist(lm, hidden_size=8),
         "tiny_program": None,
     }
