@@ -40,6 +40,8 @@ def cmd_sample(options: argparse.Namespace) -> int:
         check_output_path(out)
     if options.weighted and (out is None or out.suffix != ".nc"):
         raise UsageError("--weighted applies to --out FILE.nc")
+    if options.show < 0 or options.particles < 1:
+        raise UsageError("--show must be >= 0 and --particles >= 1")
     backend = options.backend or ("twisted" if options.twist else "smc")
     if options.twist and backend != "twisted":
         raise UsageError(f"--twist is used by --backend twisted, not {backend}")
@@ -51,6 +53,12 @@ def cmd_sample(options: argparse.Namespace) -> int:
     if options.twist:
         twist, info = load_task_twist(options.twist, task)
         _print(_twist_line(info))
+        trained_on = info.get("metadata", {}).get("task")
+        if trained_on and trained_on != task.name:
+            _print(
+                f"warning: this twist was trained on {trained_on}, not {task.name}: its bounds "
+                "and proposal were measured for another target"
+            )
         warning = _untrusted_twist_warning(info)
         if warning:
             _print(warning)

@@ -508,3 +508,19 @@ def test_unwritable_out_fails_before_any_compute(capsys, tmp_path):
         assert code == 2, (argv, err)
         assert_one_line_error(err, fragment)
         assert "exact samples" not in out and "training" not in out
+
+
+def test_sample_warns_when_the_twist_was_trained_for_another_task(capsys, trained):
+    """A twist file records its task; using it on another target says so (issue #15)."""
+    code, out, err = run(capsys, "sample", f"{TINY}:program", "--twist", trained, "--particles", 4)
+    assert code == 0, err
+    assert "warning: this twist was trained on" in out
+    code, out, _ = run(capsys, "sample", f"{TINY}:TASK", "--twist", trained, "--particles", 4)
+    assert code == 0 and "trained on" not in out.replace("trained with", "")
+
+
+@pytest.mark.parametrize("option", [["--show", "-1"], ["--particles", "0"]])
+def test_sample_refuses_negative_counts(capsys, option):
+    code, _, err = run(capsys, "sample", f"{TINY}:TASK", *option)
+    assert code == 2
+    assert_one_line_error(err, "--show must be >= 0 and --particles >= 1")
