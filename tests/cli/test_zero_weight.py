@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpyro
+import pytest
 
 import lmppl
 from lmppl import potentials
@@ -17,7 +18,8 @@ def impossible():
 
 def test_sample_on_an_impossible_target_exits_nonzero_and_says_why(capsys, tmp_path):
     out = tmp_path / "result.json"
-    code = main(["sample", f"{__file__}:impossible", "--particles", "8", "--out", str(out)])
+    with pytest.warns(RuntimeWarning, match="every particle has weight zero"):
+        code = main(["sample", f"{__file__}:impossible", "--particles", "8", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 1
     assert "every particle has weight zero" in printed
