@@ -172,6 +172,13 @@ class _SwapParams(Messenger):
 
 
 def _with_params(program, structure: ProgramStructure, model_params: ModelParams):
+    if not isinstance(model_params, dict) or set(model_params) != set(structure.model_keys):
+        raise TypeError(
+            "model_params must be a dict keyed by model, {name: params} for "
+            f"{list(structure.model_keys)} (structure.model_params() builds it); got "
+            f"{type(model_params).__name__}"
+            + (f" with keys {sorted(model_params)}" if isinstance(model_params, dict) else "")
+        )
     by_model = {
         id(m): model_params[k] for m, k in zip(structure.models, structure.model_keys, strict=True)
     }

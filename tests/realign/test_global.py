@@ -200,12 +200,14 @@ def test_lambda_sweep_of_the_smc_sweep_is_one_vmap():
     realigned = lmppl.realign(*PAIRS["table"], 0.0, mode="global")
     program = make_program(realigned, True, False)
     smc = lmppl.infer.SMC(program, 16, ess_threshold=1.0)
-    _, sweep, arrays, _ = smc.compile()
+    structure, sweep, arrays, _ = smc.compile()
     key = jax.random.key(5)
 
+    def at(lam):  # the models' parameters keyed by model, λ replaced
+        return structure.model_params({realigned.name: realigned.with_lam(realigned.params, lam)})
+
     def log_marginal(lam):
-        params = realigned.with_lam(realigned.params, lam)
-        return sweep(key, (params,), None, arrays, None).log_marginal
+        return sweep(key, at(lam), None, arrays, None).log_marginal
 
     swept = np.asarray(jax.vmap(log_marginal)(lams))
     loop = np.asarray([log_marginal(float(lam)) for lam in lams])
@@ -214,11 +216,7 @@ def test_lambda_sweep_of_the_smc_sweep_is_one_vmap():
     keys = jax.random.split(jax.random.key(9), NUM_RUNS)
     many = jax.vmap(
         jax.vmap(
-            lambda lam, k: (
-                sweep(
-                    k, (realigned.with_lam(realigned.params, lam),), None, arrays, None
-                ).log_marginal
-            ),
+            lambda lam, k: sweep(k, at(lam), None, arrays, None).log_marginal,
             in_axes=(None, 0),
         ),
         in_axes=(0, None),
