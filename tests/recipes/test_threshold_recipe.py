@@ -25,7 +25,8 @@ def test_threshold_recipe_writes_table_figure_and_cache(tmp_path):
     argv += ["--eval-every", "2", "--eval-particles", "8", "--eval-runs", "2"]
     argv += ["--K", "4", "--p0-K", "--runs", "2", "--out", str(tmp_path)]
     assert recipe.main(argv) == 0
-    rows = list(csv.DictReader(open(tmp_path / "threshold.csv")))
+    with open(tmp_path / "threshold.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert [(r["method"], r["K"]) for r in rows] == [
         ("CTL twist (twisted SMC)", "4"),
         ("p0 (SMC)", "4"),
