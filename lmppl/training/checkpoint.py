@@ -81,7 +81,9 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no twist checkpoint at {path}")
-    with np.load(path, allow_pickle=False) as data:
+    # The file is opened here so that it is closed even when NumPy fails to parse it
+    # (a truncated or corrupted checkpoint).
+    with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
         stored = {k: data[k] for k in data.files}
     meta = json.loads(str(stored.pop("__meta__")))
     params = _unflatten(params_like, stored, "params/", path)
