@@ -150,7 +150,7 @@ def read_twist_info(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no twist file at {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"])) if "__meta__" in data.files else {}
             record = json.loads(str(data["__twist__"])) if "__twist__" in data.files else {}
     except (OSError, ValueError) as error:
