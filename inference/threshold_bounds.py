@@ -469,27 +469,17 @@ def plot(rows, ref, options, curve_k, curve_lower, curve_upper) -> None:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["K"])
         k = [r["K"] for r in mine]
         colour = colours.get(method, None)
-        axis.errorbar(
-            k,
-            [r["lower"] for r in mine],
-            yerr=[r["lower_ci"] for r in mine],
-            fmt="o-",
-            color=colour,
-            ms=4,
-            capsize=2,
-            label=f"{method}: lower",
-        )
-        axis.errorbar(
-            k,
-            [r["upper"] for r in mine],
-            yerr=[r["upper_ci"] for r in mine],
-            fmt="s--",
-            color=colour,
-            ms=4,
-            capsize=2,
-            mfc="white",
-            label=f"{method}: upper",
-        )
+        for side, style in (("lower", {"fmt": "o-"}), ("upper", {"fmt": "s--", "mfc": "white"})):
+            axis.errorbar(
+                k,
+                [r[side] for r in mine],
+                yerr=[r[f"{side}_ci"] for r in mine],
+                color=colour,
+                ms=4,
+                capsize=2,
+                label=f"{method}: {side}",
+                **style,
+            )
     axis.set_xscale("log")
     axis.set_xlabel("K (particles)")
     axis.set_ylabel(f"log Z  (= log P(score < {options.limit:g}), up to the floor)")

@@ -246,7 +246,7 @@ class Realigned:
         product over steps is the sequence target (temperature must be 1).
         """
         if self.locally_normalised:
-            return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+            return self.ref.next_token_log_weights(logits, temperature)
         if temperature != 1:
             raise ValueError(
                 f"{self.name} has unnormalised sequence-level logits: temperature must be 1, "
