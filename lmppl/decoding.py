@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmppl.lm.base import LanguageModel, broadcast_cache, reorder_cache
+from lmppl.lm.base import LanguageModel, broadcast_cache, gather_rows, reorder_cache
+from lmppl.token_sampler import sample_categorical
 
 __all__ = [
     "DecodeState",
@@ -193,7 +194,7 @@ def advance(
 
 def reorder(state: DecodeState, ancestors: jax.Array) -> DecodeState:
     """The rows ``ancestors`` ``[N]`` of every per-row field (resampling); ``step`` is kept."""
-    take = lambda x: jnp.take(x, ancestors, axis=0)
+    take = lambda x: gather_rows(x, ancestors)
     return state._replace(
         cache=reorder_cache(state.cache, ancestors),
         logits=take(state.logits),
@@ -237,7 +238,7 @@ def sample_tokens(
             token_log_prob = jnp.zeros(token.shape, jnp.float32)
         else:
             log_probs = next_token_log_probs(state.logits, temperature)
-            token = jax.random.categorical(key, log_probs).astype(jnp.int32)
+            token = sample_categorical(key, log_probs)
             token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
         if eos is not None:
             token_log_prob = jnp.where(state.done, 0.0, token_log_prob)

@@ -53,6 +53,8 @@ from lmppl.infer.program import (
 from lmppl.infer.proposal import propose
 from lmppl.infer.resampling import effective_sample_size, get_resampler, multinomial
 from lmppl.infer.twist import TwistInputs
+from lmppl.lm.base import gather_rows
+from lmppl.token_sampler import sample_categorical
 
 __all__ = [
     "BoundProgram",
@@ -272,7 +274,7 @@ def init(
 
 def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
     """Close the epoch (``log Ẑ += log mean W``) and gather every particle field."""
-    gather = lambda tree: jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), tree)
+    gather = lambda tree: jax.tree.map(lambda x: gather_rows(x, ancestors), tree)
     return state._replace(
         decode=reorder(state.decode, ancestors),
         log_weights=jnp.zeros_like(state.log_weights),
@@ -359,7 +361,7 @@ def build_kernel(
         log_q, increment = propose(
             log_p0, potentials, log_psi_next, state.log_psi, normalised=normalised
         )
-        token = jax.random.categorical(sample_key, log_q).astype(jnp.int32)
+        token = sample_categorical(sample_key, log_q)
         if options.conditional:
             assert reference is not None, "a conditional sweep needs its reference [T]"
             token = token.at[0].set(reference[t])

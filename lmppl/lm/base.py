@@ -34,6 +34,7 @@ __all__ = [
     "LanguageModel",
     "Tokenizer",
     "broadcast_cache",
+    "gather_rows",
     "reorder_cache",
 ]
 
@@ -80,8 +81,18 @@ class Tokenizer(Protocol):
 
 
 def reorder_cache(cache: Any, indices: jax.Array) -> Any:
-    """Gather cache rows: row ``i`` of the result is row ``indices[i]`` of ``cache``."""
-    return jax.tree.map(lambda leaf: jnp.take(leaf, indices, axis=0), cache)
+    """Gather cache rows: row ``i`` of the result is row ``indices[i]`` of ``cache``.
+
+    ``indices`` must lie in ``[0, N)`` (resamplers guarantee it): the gather is done in
+    ``"promise_in_bounds"`` mode, without the per-element bounds mask of the default mode
+    (which doubled the cost of every resampling step).
+    """
+    return jax.tree.map(lambda leaf: gather_rows(leaf, indices), cache)
+
+
+def gather_rows(array: jax.Array, indices: jax.Array) -> jax.Array:
+    """``array[indices]`` along axis 0 for indices known to be in bounds."""
+    return array.at[indices].get(mode="promise_in_bounds")
 
 
 def broadcast_cache(cache: Any, batch_size: int) -> Any:

@@ -214,6 +214,11 @@ def cached_attention(
     cache_values = write_rows(cache_values, value, positions)
     batch, steps, query_heads, head_dim = query.shape
     kv_heads, cache_length = cache_keys.shape[2], cache_keys.shape[1]
+    if steps == 1:
+        output = _single_query_attention(
+            query, cache_keys, cache_values, positions, scale=scale, window=window
+        )
+        return output, cache_keys, cache_values
     grouped = query.reshape(batch, steps, kv_heads, query_heads // kv_heads, head_dim)
     scores = jnp.einsum(
         "bskgd,blkd->bkgsl", grouped, cache_keys, preferred_element_type=jnp.float32
@@ -235,6 +240,42 @@ def cached_attention(
     )
     output = output.reshape(batch, steps, query_heads, head_dim).astype(query.dtype)
     return output, cache_keys, cache_values
+
+
+def _single_query_attention(
+    query: jax.Array,
+    cache_keys: jax.Array,
+    cache_values: jax.Array,
+    positions: jax.Array,
+    *,
+    scale: float,
+    window: int | None,
+) -> jax.Array:
+    """:func:`cached_attention` for one new token per row (a decoding step).
+
+    The same sums as the general path, written as broadcast products reduced over ``D`` and
+    then over ``L`` in the cache's own ``[B, L, H_kv, D]`` layout: a batched matrix product
+    with a query of one row would first transpose the whole cache on every step (on CPU
+    that copy and the tiny matrix products cost more than the arithmetic).
+    """
+    batch, _, query_heads, head_dim = query.shape
+    kv_heads, cache_length = cache_keys.shape[2], cache_keys.shape[1]
+    grouped = query.reshape(batch, 1, kv_heads, query_heads // kv_heads, head_dim)
+    scores = jnp.sum(
+        grouped.astype(jnp.float32) * cache_keys[:, :, :, None, :].astype(jnp.float32), axis=-1
+    )  # [B, L, H_kv, G]
+    if scale != 1.0:
+        scores = scores * scale
+    distance = positions - jnp.arange(cache_length, dtype=jnp.int32)[None, :]  # [B, L]
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probabilities = jax.nn.softmax(scores, axis=1)
+    output = jnp.sum(
+        probabilities[..., None] * cache_values[:, :, :, None, :].astype(jnp.float32), axis=1
+    )  # [B, H_kv, G, D]
+    return output.reshape(batch, 1, query_heads, head_dim).astype(query.dtype)
 
 
 def default_scale(head_dim: int) -> float:
