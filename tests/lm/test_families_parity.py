@@ -204,11 +204,19 @@ def tokens(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
 
 
+def counts(*values: int) -> jax.Array:
+    """Per-row token counts, int32 and not weakly typed, so every call shares one trace."""
+    return jnp.asarray(np.array(values, np.int32))
+
+
 def test_full_forward_matches_torch(loaded):
     lm = loaded.lm
     batch = tokens(1, (3, SEQUENCE_LENGTH))
     output = loaded.apply(
-        lm.params, jnp.asarray(batch), lm.init_cache(3, CACHE_LENGTH), jnp.full(3, SEQUENCE_LENGTH)
+        lm.params,
+        jnp.asarray(batch),
+        lm.init_cache(3, CACHE_LENGTH),
+        counts(*[SEQUENCE_LENGTH] * 3),
     )
     assert output.logits.shape == (3, SEQUENCE_LENGTH, VOCAB)
     difference = np.abs(np.asarray(output.logits) - loaded.torch_logits(batch)).max()
@@ -220,13 +228,13 @@ def test_cached_decoding_matches_torch(loaded):
     batch = tokens(2, (3, SEQUENCE_LENGTH))
     reference = loaded.torch_logits(batch)
     prompt = 4
-    ones = jnp.ones(3, jnp.int32)
     output = loaded.apply(
-        lm.params, jnp.asarray(batch[:, :prompt]), lm.init_cache(3, CACHE_LENGTH), 4 * ones
+        lm.params, jnp.asarray(batch[:, :prompt]), lm.init_cache(3, CACHE_LENGTH), counts(4, 4, 4)
     )
     logits, cache = [np.asarray(output.logits)], output.cache
     for position in range(prompt, SEQUENCE_LENGTH):
-        output = loaded.apply(lm.params, jnp.asarray(batch[:, position : position + 1]), cache, ones)
+        step = jnp.asarray(batch[:, position : position + 1])
+        output = loaded.apply(lm.params, step, cache, counts(1, 1, 1))
         logits.append(np.asarray(output.logits))
         cache = output.cache
     np.testing.assert_array_equal(cache.length, [SEQUENCE_LENGTH] * 3)
@@ -242,12 +250,10 @@ def test_right_padded_prompts_match_unpadded_rows(loaded):
     for row, length in enumerate(PROMPT_LENGTHS):
         padded[row, length:] = 0
     cache = lm.init_cache(3, CACHE_LENGTH)
-    output = loaded.apply(lm.params, jnp.asarray(padded), cache, jnp.asarray(PROMPT_LENGTHS))
+    output = loaded.apply(lm.params, jnp.asarray(padded), cache, counts(*PROMPT_LENGTHS))
     np.testing.assert_array_equal(output.cache.length, PROMPT_LENGTHS)
     next_tokens = full[np.arange(3), PROMPT_LENGTHS][:, None]
-    stepped = loaded.apply(
-        lm.params, jnp.asarray(next_tokens), output.cache, jnp.ones(3, jnp.int32)
-    )
+    stepped = loaded.apply(lm.params, jnp.asarray(next_tokens), output.cache, counts(1, 1, 1))
     worst = 0.0
     for row, length in enumerate(PROMPT_LENGTHS):
         reference = loaded.torch_logits(full[row : row + 1, : length + 1])[0]
