@@ -3,9 +3,11 @@
 The file is opened with PyPI ``gguf``'s :class:`gguf.GGUFReader` (memory-mapped) and every
 tensor is dequantized to float32 with :func:`gguf.quants.dequantize` (F32, F16, BF16, Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...). llama.cpp's names are mapped to the Hugging Face
-``LlamaForCausalLM`` names, and the Q/K row permutation llama.cpp's converter applies
-(``permute`` in ``convert_hf_to_gguf.py``: half-split rows to interleaved RoPE pairs) is
-undone, so the tensors fit the half-split networks of :mod:`lmppl.lm.llama`.
+``LlamaForCausalLM`` names, and the Q/K row permutation llama.cpp's converter applies to
+the ``llama`` architecture (``permute`` in ``convert_hf_to_gguf.py``: half-split rows to
+interleaved RoPE pairs) is undone, so the tensors fit the half-split networks of
+:mod:`lmppl.lm.llama`. Qwen2 and Qwen3 files (NEOX-style RoPE) are stored half-split
+already; Qwen3's per-head q/k norms are ``attn_q_norm`` / ``attn_k_norm``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ __all__ = [
     "read_gguf_metadata",
 ]
 
-SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+# Only llama.cpp's "llama" architecture has its q/k rows permuted to interleaved RoPE pairs.
+_PERMUTED_ARCHITECTURES = ("llama",)
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -41,6 +45,8 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -127,6 +133,7 @@ def _config_from_metadata(metadata: dict[str, Any], name: str) -> ModelConfig:
         context_length=int(get("context_length")),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        qk_norm=architecture == "qwen3",
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
     )
@@ -154,6 +161,9 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             f"{prefix}.mlp.up_proj.weight": (config.intermediate_size, hidden),
             f"{prefix}.mlp.down_proj.weight": (hidden, config.intermediate_size),
         }
+        if config.qk_norm:
+            shapes[f"{prefix}.self_attn.q_norm.weight"] = (head_dim,)
+            shapes[f"{prefix}.self_attn.k_norm.weight"] = (head_dim,)
     return shapes
 
 
@@ -175,7 +185,7 @@ def _dequantize(tensor: Any, name: str) -> np.ndarray:
 def read_gguf(
     path: str | os.PathLike,
 ) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
-    """Read a llama GGUF file as a config, Hugging Face tensors and its tokenizer.
+    """Read a llama, qwen2 or qwen3 GGUF file as a config, Hugging Face tensors, tokenizer.
 
     Args:
       path: the ``.gguf`` file.
@@ -203,6 +213,7 @@ def read_gguf(
         raise ValueError(f"{name}: not a readable GGUF file ({error})") from None
     metadata = read_gguf_metadata(reader)
     config = _config_from_metadata(metadata, name)
+    permuted = metadata["general.architecture"] in _PERMUTED_ARCHITECTURES
 
     names = {tensor.name for tensor in reader.tensors}
     if "rope_freqs.weight" in names:
@@ -214,9 +225,9 @@ def read_gguf(
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
         values = _dequantize(tensor, name)
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             values = _undo_llama_cpp_permutation(values, config.num_heads)
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             values = _undo_llama_cpp_permutation(values, config.num_kv_heads)
         tensors[hf_name] = values
 
