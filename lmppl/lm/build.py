@@ -264,7 +264,7 @@ def _rope_scaling(
             factor=float(factor),
             original_context_length=original,
             attention_factor=parameters.get("attention_factor"),
-            short_factor=tuple(float(f) for f in need("short_factor")),
+            frequency_factors=tuple(float(f) for f in need("short_factor")),
         )
         # Past the original context transformers switches every position to long_factor.
         return scaling, original

@@ -27,7 +27,8 @@ class RopeScaling:
 
     Attributes:
       kind: ``"linear"``, ``"dynamic"`` (NTK, equal to plain RoPE within the context length),
-        ``"yarn"``, ``"llama3"`` (Llama 3.1 / 3.2) or ``"longrope"`` (Phi-3 ``"su"``).
+        ``"yarn"``, ``"llama3"`` (Llama 3.1 / 3.2), ``"longrope"`` (Phi-3 ``"su"``), or
+        ``"rope_freqs"`` (a GGUF file's per-frequency divisors, llama.cpp's form of llama3).
       factor: the context extension factor (yarn and longrope: resolved from the context
         lengths when the checkpoint gives none).
       original_context_length: the pre-training context (``original_max_position_embeddings``).
@@ -36,7 +37,8 @@ class RopeScaling:
       attention_factor: the cos/sin multiplier (yarn's mscale, longrope's); ``None``: derived.
       mscale, mscale_all_dim: yarn's (DeepSeek-style) attention-factor parameters.
       truncate: yarn rounds its correction range to whole dimensions.
-      short_factor: longrope's per-frequency divisors (used within the original context).
+      frequency_factors: per-frequency divisors of the inverse frequencies: longrope's
+        ``short_factor`` (used within the original context) or GGUF's ``rope_freqs``.
     """
 
     kind: str
@@ -50,7 +52,7 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
-    short_factor: tuple[float, ...] = ()
+    frequency_factors: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

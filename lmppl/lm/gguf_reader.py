@@ -7,7 +7,9 @@ Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...). llama.cpp's names are mapped to the 
 the ``llama`` architecture (``permute`` in ``convert_hf_to_gguf.py``: half-split rows to
 interleaved RoPE pairs) is undone, so the tensors fit the half-split networks of
 :mod:`lmppl.lm.llama`. Qwen2 and Qwen3 files (NEOX-style RoPE) are stored half-split
-already; Qwen3's per-head q/k norms are ``attn_q_norm`` / ``attn_k_norm``.
+already; Qwen3's per-head q/k norms are ``attn_q_norm`` / ``attn_k_norm``. Llama 3.1+
+files carry their RoPE scaling as per-frequency divisors (``rope_freqs.weight``), which
+become :class:`~lmppl.lm.config.RopeScaling` ``"rope_freqs"``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lmppl.lm.base import Tokenizer
-from lmppl.lm.config import ModelConfig
+from lmppl.lm.config import ModelConfig, RopeScaling
 from lmppl.lm.llama2c import interleaved_to_half_split
 from lmppl.lm.tokenizers import tokenizer_from_gguf_metadata
 
@@ -215,11 +217,14 @@ def read_gguf(
     config = _config_from_metadata(metadata, name)
     permuted = metadata["general.architecture"] in _PERMUTED_ARCHITECTURES
 
-    names = {tensor.name for tensor in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError(f"{name}: per-frequency RoPE factors (rope_freqs) are not supported")
     tensors: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":  # llama3 RoPE scaling as frequency divisors
+            factors = tuple(float(f) for f in _dequantize(tensor, name).reshape(-1))
+            config = config.replace(
+                rope_scaling=RopeScaling("rope_freqs", frequency_factors=factors)
+            )
+            continue
         try:
             hf_name = gguf_tensor_name_to_hf(tensor.name)
         except ValueError as error:

@@ -20,6 +20,8 @@ kinds change the ``f_k`` and may multiply cos and sin by an attention factor ``a
   for sequences longer than the original context (and then rotates the keys already cached
   with the short factors differently from a fresh forward pass), so lmppl caps such models'
   context at the original length, where the short factors are exact.
+* ``rope_freqs``: ``f_k / r_k`` with the divisors ``r`` a GGUF file stores as
+  ``rope_freqs.weight`` (llama.cpp's converter writes llama3 scaling that way).
 
 Every computation follows ``transformers``' ``modeling_rope_utils.py`` step by step in float32,
 so the frequencies agree to the last bit or two.
@@ -119,15 +121,17 @@ def rope_frequencies(
         return _llama3(_plain(theta, dim), scaling), 1.0
     if scaling.kind == "yarn":
         return _yarn(theta, dim, scaling), _yarn_attention_factor(scaling)
-    if scaling.kind == "longrope":
-        factors = np.asarray(scaling.short_factor, np.float32)
+    if scaling.kind in ("longrope", "rope_freqs"):
+        factors = np.asarray(scaling.frequency_factors, np.float32)
         if factors.shape != (dim // 2,):
             raise ValueError(
-                f"longrope short_factor has {factors.size} entries for a rotary width of {dim} "
-                f"(needs {dim // 2})"
+                f"{scaling.kind} has {factors.size} frequency factors for a rotary width of "
+                f"{dim} (needs {dim // 2})"
             )
         exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
         inverse = np.float32(1.0) / (factors * np.float32(theta) ** exponents)
+        if scaling.kind == "rope_freqs":
+            return inverse.astype(np.float32), 1.0
         if scaling.attention_factor is not None:
             attention_factor = float(scaling.attention_factor)
         elif scaling.factor <= 1.0:

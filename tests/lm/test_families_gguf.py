@@ -1,13 +1,17 @@
-"""GGUF round trips of the Qwen families: write a tiny model as llama.cpp does, load, compare.
+"""GGUF round trips of the new families: write a tiny model as llama.cpp does, load, compare.
 
 llama.cpp's converter stores Qwen2/Qwen3 q/k rows as they are in Hugging Face (NEOX-style,
 half-split RoPE: no permutation, unlike ``llama``), Qwen3's per-head norms as
-``attn_q_norm`` / ``attn_k_norm``, and omits ``output.weight`` when the output is tied.
-Measured max |logit difference| against the PyTorch model: qwen2 5.5e-06, qwen3 6.4e-06
-(bound 1e-4, float32 round-off as in ``test_parity.py``).
+``attn_q_norm`` / ``attn_k_norm``, and omits ``output.weight`` when the output is tied. A
+Llama 3.1 file has its q/k rows permuted and its llama3 RoPE scaling stored as
+per-frequency divisors in ``rope_freqs.weight``.
+Measured max |logit difference| against the PyTorch model: qwen2 5.5e-06, qwen3 6.4e-06,
+llama3 (rope_freqs) 3.8e-06 (bound 1e-4, float32 round-off as in ``test_parity.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import gguf
 import jax
@@ -17,6 +21,7 @@ import pytest
 
 import lmppl
 from tests.fixtures import randomise_
+from tests.lm.test_gguf import llama_cpp_permute
 
 FLOAT32_PARITY = 1e-4
 VOCAB = 97
@@ -65,12 +70,47 @@ def torch_model(architecture: str):
     )
     if architecture == "qwen3":
         config = transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+    elif architecture == "llama":  # Llama 3.1's RoPE scaling, biting at head width 8
+        common = dict(common, max_position_embeddings=64)
+        del common["rope_theta"]
+        config = transformers.LlamaConfig(
+            **common,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
     else:
         config = transformers.Qwen2Config(**common, tie_word_embeddings=False)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     return randomise_(model, seed=1, spread=0.3).eval()
+
+
+def llama3_rope_freqs(model) -> np.ndarray:
+    """The divisors ``convert_hf_to_gguf.py`` writes as ``rope_freqs.weight`` for llama3."""
+    rope = model.config.rope_parameters
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    divisors = []
+    for k in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (k / head_dim)
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(divisors, np.float32)
 
 
 def write_gguf(path, architecture: str, model) -> None:
@@ -87,6 +127,8 @@ def write_gguf(path, architecture: str, model) -> None:
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if architecture == "llama":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(model))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, VOCAB)])
@@ -97,15 +139,20 @@ def write_gguf(path, architecture: str, model) -> None:
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(tensor.numpy()))
+        values = tensor.numpy()
+        if architecture == "llama" and hf_name.endswith("q_proj.weight"):
+            values = llama_cpp_permute(values, config.num_attention_heads)
+        elif architecture == "llama" and hf_name.endswith("k_proj.weight"):
+            values = llama_cpp_permute(values, config.num_key_value_heads)
+        writer.add_tensor(gguf_name(hf_name), np.ascontiguousarray(values))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
-def test_qwen_gguf_round_trip_matches_torch(tmp_path, architecture):
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "llama"])
+def test_gguf_round_trip_matches_torch(tmp_path, architecture):
     import torch
 
     model = torch_model(architecture)
@@ -116,6 +163,7 @@ def test_qwen_gguf_round_trip_matches_torch(tmp_path, architecture):
     assert config.qk_norm == (architecture == "qwen3")
     assert config.attention_bias == (architecture == "qwen2")
     assert config.tie_word_embeddings == (architecture == "qwen3")
+    assert (config.rope_scaling is not None) == (architecture == "llama")
     tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 9)).astype(np.int32)
     output = jax.jit(lm.apply)(lm.params, jnp.asarray(tokens), lm.init_cache(2, 16))
     with torch.no_grad():
