@@ -29,7 +29,13 @@ from lmppl.lm.gpt_neo import GPTNeoNetwork
 from lmppl.lm.layers import ACTIVATIONS
 from lmppl.lm.llama import LlamaNetwork
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TensorTable", "build_network", "config_from_hf"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TensorTable",
+    "build_network",
+    "config_from_hf",
+    "language_model_tensors",
+]
 
 NETWORKS = {
     "llama": LlamaNetwork,
@@ -48,6 +54,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "gemma": "gemma",
     "gemma2": "gemma",
     "gemma3_text": "gemma",
+    "gemma3": "gemma",  # the multimodal checkpoint's language model (text in, text out)
     "gpt2": "gpt2",
     "gpt_neo": "gpt_neo",
 }
@@ -61,13 +68,13 @@ CAUSAL_LM_CLASSES: dict[str, str] = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3",
     "GPT2LMHeadModel": "gpt2",
     "GPTNeoForCausalLM": "gpt_neo",
 }
 # Neighbours people reach for that lmppl does not read: say what to use instead.
 _UNSUPPORTED_HINTS = {
-    "gemma3": "the multimodal Gemma 3 (Gemma3ForConditionalGeneration) is not supported; "
-    "text-only checkpoints (model_type gemma3_text, e.g. gemma-3-1b) are",
+    "gemma3n": "Gemma 3n is not supported; Gemma 3 (gemma3, gemma3_text) is",
     "phi": "Phi-1/Phi-2 (model_type phi) are not supported; Phi-3, Phi-3.5 and Phi-4 "
     "(model_type phi3) are",
     "qwen3_moe": "mixture-of-experts Qwen3 is not supported; dense Qwen3 (model_type qwen3) is",
@@ -75,6 +82,43 @@ _UNSUPPORTED_HINTS = {
 
 # Base-model checkpoints (``LlamaModel``, ``GPT2Model``) omit the causal-LM wrapper's prefix.
 WRAPPER_PREFIXES = ("model.", "transformer.")
+# Where multimodal checkpoints (Gemma 3) keep their language model's tensors.
+LANGUAGE_MODEL_PREFIXES = {
+    "language_model.model.": "model.",
+    "model.language_model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+}
+# Gemma3TextConfig's defaults: the multimodal config.json files (gemma-3-4b and larger)
+# give only the text_config fields that differ from them.
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+}
+
+
+def language_model_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` with a multimodal checkpoint's language-model tensors renamed as in the
+    text-only model (``language_model.model.layers.0...`` -> ``model.layers.0...``); the
+    vision tower's are left as they are (and never read). A no-op for text checkpoints."""
+    renamed = dict(tensors)
+    for name, tensor in tensors.items():
+        for prefix, replacement in LANGUAGE_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                renamed[replacement + name[len(prefix) :]] = tensor
+                del renamed[name]
+                break
+    return renamed
 
 
 class TensorTable:
@@ -159,8 +203,9 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> ModelConfig:
     """A :class:`ModelConfig` from a Hugging Face ``config.json`` dictionary.
 
     Supports ``model_type`` llama (Llama 2 and 3.x), mistral, qwen2, qwen3, phi3 (Phi-3,
-    Phi-3.5, Phi-4; all the ``"llama"`` architecture), gemma, gemma2, gemma3_text (the
-    ``"gemma"`` architecture), gpt2 and gpt_neo; a config without ``model_type`` is read by
+    Phi-3.5, Phi-4; all the ``"llama"`` architecture), gemma, gemma2, gemma3_text and
+    gemma3 (the language model of the multimodal checkpoints; all the ``"gemma"``
+    architecture), gpt2 and gpt_neo; a config without ``model_type`` is read by
     its ``architectures`` class. RoPE scaling kinds: linear, dynamic, yarn, llama3,
     longrope (see :mod:`lmppl.lm.rope`). Features that would change the maths but are not
     implemented (another RoPE scaling kind, Llama's output-projection and MLP biases,
@@ -178,6 +223,11 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> ModelConfig:
             f"unsupported model type {model_type!r}{hint}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if model_type == "gemma3":  # read the language model's config
+        text = dict(config_dict.get("text_config") or {})
+        tied = config_dict.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+        config_dict = {**GEMMA3_TEXT_DEFAULTS, **text, "model_type": "gemma3_text"}
+        config_dict["tie_word_embeddings"] = tied
     architecture = SUPPORTED_MODEL_TYPES[model_type]
     reader = {
         "llama": _llama_config,

@@ -93,6 +93,23 @@ GEMMA_3_1B = {
     "eos_token_id": 1,
 }
 
+# The multimodal gemma-3-4b-it: text_config gives only what differs from Gemma3TextConfig.
+GEMMA_3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "vision_config": {"model_type": "siglip_vision_model", "image_size": 896, "patch_size": 14},
+    "mm_tokens_per_image": 256,
+    "eos_token_id": [1, 106],
+}
+
 
 def test_llama_3_2_config_reads_its_rope_scaling():
     config = config_from_hf(LLAMA_3_2_1B)
@@ -131,6 +148,23 @@ def test_gemma_3_legacy_and_nested_rope_fields_agree():
     nested = transformers.Gemma3TextConfig(**fields).to_dict()
     assert "full_attention" in nested["rope_parameters"]
     assert config_from_hf(nested) == legacy
+
+
+def test_multimodal_gemma_3_reads_its_language_model_with_text_defaults():
+    transformers = pytest.importorskip("transformers")
+    config = config_from_hf(GEMMA_3_4B)
+    assert (config.architecture, config.vocab_size, config.num_layers) == ("gemma", 262208, 34)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (8, 4, 256)
+    assert config.attention_layers == (("local",) * 5 + ("global",)) * 5 + ("local",) * 4
+    assert (config.rope_theta, config.rope_scaling.kind, config.rope_scaling.factor) == (
+        1e6,
+        "linear",
+        8.0,
+    )
+    assert (config.local_rope_theta, config.local_rope_scaling) == (1e4, None)
+    assert config.window_size == 1024 and config.tie_word_embeddings and config.eos_token_id == 1
+    fields = {k: v for k, v in GEMMA_3_4B.items() if k not in ("architectures", "model_type")}
+    assert config_from_hf(transformers.Gemma3Config(**fields).to_dict()) == config
 
 
 @pytest.mark.parametrize(
@@ -225,7 +259,7 @@ def test_qwen3_sliding_layers_start_at_max_window_layers():
             {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
             r"^llama: RoPE scaling 'llama3' needs 'low_freq_factor' in rope_scaling$",
         ),
-        ({"model_type": "gemma3"}, r"^unsupported model type 'gemma3' \(the multimodal Gemma 3"),
+        ({"model_type": "gemma3n"}, r"^unsupported model type 'gemma3n' \(Gemma 3n is not"),
         ({"model_type": "phi"}, r"^unsupported model type 'phi' \(Phi-1/Phi-2 .*; supported: "),
         ({"model_type": "qwen3", "attention_bias": True}, r"^qwen3: attention_bias"),
         (

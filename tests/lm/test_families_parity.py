@@ -124,6 +124,26 @@ def hf_config(case: str):
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
             },
         ),
+        "gemma3_multimodal": lambda: transformers.Gemma3Config(
+            text_config=dict(
+                gemma,
+                query_pre_attn_scalar=24,
+                sliding_window=3,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            boi_token_index=VOCAB + 1,
+            eoi_token_index=VOCAB + 2,
+            image_token_index=VOCAB + 3,
+        ),
         "phi3": lambda: transformers.Phi3Config(
             **_SMALL, sliding_window=5, pad_token_id=0, tie_word_embeddings=False
         ),
@@ -153,6 +173,7 @@ CASES = [
     "gemma",
     "gemma2",
     "gemma3_text",
+    "gemma3_multimodal",
     "phi3",
     "phi3_longrope",
 ]
@@ -191,7 +212,10 @@ def loaded(request, tmp_path_factory) -> Loaded:
     config = hf_config(case)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    if case == "gemma3_multimodal":  # lmppl reads its language model
+        model = transformers.Gemma3ForConditionalGeneration(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
     model = randomise_(model, seed=0, spread=0.3).eval()
     folder = tmp_path_factory.mktemp(case)
     model.save_pretrained(folder, safe_serialization=True)
