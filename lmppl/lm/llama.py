@@ -85,11 +85,15 @@ class LlamaAttention(nnx.Module):
         if local and config.local_rope_theta is not None:
             theta, scaling = config.local_rope_theta, config.local_rope_scaling
         self.rope_theta = theta
-        frequencies, self.rope_attention_factor = rope_frequencies(
-            head_dim, theta, scaling, config.partial_rotary_factor
-        )
-        # Static (hashable) floats: they become trace-time constants, not parameters.
-        self.inverse_frequencies = tuple(float(f) for f in frequencies)
+        if scaling is None and config.partial_rotary_factor == 1.0:
+            # Plain RoPE: apply_rope derives the frequencies from theta, as it always has.
+            self.inverse_frequencies, self.rope_attention_factor = None, 1.0
+        else:
+            frequencies, self.rope_attention_factor = rope_frequencies(
+                head_dim, theta, scaling, config.partial_rotary_factor
+            )
+            # Static (hashable) floats: they become trace-time constants, not parameters.
+            self.inverse_frequencies = tuple(float(f) for f in frequencies)
         self.scale = config.query_scale or default_scale(head_dim)
         self.softcap = config.attention_softcap
 
@@ -107,7 +111,9 @@ class LlamaAttention(nnx.Module):
         value = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        frequencies = jnp.asarray(self.inverse_frequencies, jnp.float32)
+        frequencies = None
+        if self.inverse_frequencies is not None:
+            frequencies = jnp.asarray(self.inverse_frequencies, jnp.float32)
         factor = self.rope_attention_factor
         query = apply_rope(query, positions, self.rope_theta, frequencies, factor)
         key = apply_rope(key, positions, self.rope_theta, frequencies, factor)
