@@ -4,9 +4,12 @@ llama.cpp's converter stores Qwen2/Qwen3 q/k rows as they are in Hugging Face (N
 half-split RoPE: no permutation, unlike ``llama``), Qwen3's per-head norms as
 ``attn_q_norm`` / ``attn_k_norm``, and omits ``output.weight`` when the output is tied. A
 Llama 3.1 file has its q/k rows permuted and its llama3 RoPE scaling stored as
-per-frequency divisors in ``rope_freqs.weight``.
-Measured max |logit difference| against the PyTorch model: qwen2 5.5e-06, qwen3 6.4e-06,
-llama3 (rope_freqs) 3.8e-06 (bound 1e-4, float32 round-off as in ``test_parity.py``).
+per-frequency divisors in ``rope_freqs.weight``. A Phi-3 file keeps the fused ``attn_qkv``
+and ``ffn_up`` (= ``gate_up_proj``), its rotary width in ``rope.dimension_count`` and
+LongRoPE as ``rope_factors_short`` / ``_long`` tensors with ``rope.scaling.*`` metadata.
+Measured max |logit difference| against the PyTorch model: qwen2 5.5e-06, qwen3 7.2e-06,
+llama3 (rope_freqs) 3.8e-06, phi3 (LongRoPE, partial rotary, window 5) 6.0e-06 (bound 1e-4,
+float32 round-off as in ``test_parity.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ BLOCK_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.qkv_proj": "attn_qkv",  # Phi-3, as gguf's tensor_mapping.py maps them
+    "mlp.gate_up_proj": "ffn_up",
 }
 GLOBAL_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -70,6 +75,23 @@ def torch_model(architecture: str):
     )
     if architecture == "qwen3":
         config = transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+    elif architecture == "phi3":  # Phi-3.5 / Phi-4-mini: LongRoPE, half-rotary heads, window
+        common = dict(common, max_position_embeddings=64)
+        del common["rope_theta"]
+        config = transformers.Phi3Config(
+            **common,
+            pad_token_id=0,
+            tie_word_embeddings=True,
+            sliding_window=5,
+            original_max_position_embeddings=16,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.5],
+                "long_factor": [2.0, 4.0],
+            },
+        )
     elif architecture == "llama":  # Llama 3.1's RoPE scaling, biting at head width 8
         common = dict(common, max_position_embeddings=64)
         del common["rope_theta"]
@@ -125,10 +147,20 @@ def write_gguf(path, architecture: str, model) -> None:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    rope = config.rope_parameters
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     if architecture == "llama":
         writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(model))
+    if architecture == "phi3":  # as convert_hf_to_gguf.py's Phi3MiniModel writes LongRoPE
+        original = rope["original_max_position_embeddings"]
+        scale = config.max_position_embeddings / original
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        for kind in ("short", "long"):
+            factors = np.asarray(rope[f"{kind}_factor"], np.float32)
+            writer.add_tensor(f"rope_factors_{kind}.weight", factors)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, VOCAB)])
@@ -151,7 +183,7 @@ def write_gguf(path, architecture: str, model) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3", "llama", "phi3"])
 def test_gguf_round_trip_matches_torch(tmp_path, architecture):
     import torch
 
@@ -162,8 +194,12 @@ def test_gguf_round_trip_matches_torch(tmp_path, architecture):
     config = lm.config
     assert config.qk_norm == (architecture == "qwen3")
     assert config.attention_bias == (architecture == "qwen2")
-    assert config.tie_word_embeddings == (architecture == "qwen3")
-    assert (config.rope_scaling is not None) == (architecture == "llama")
+    assert config.tie_word_embeddings == (architecture in ("qwen3", "phi3"))
+    assert (config.rope_scaling is not None) == (architecture in ("llama", "phi3"))
+    assert config.fused_projections == (architecture == "phi3")
+    if architecture == "phi3":  # half-rotary heads, window 5 < 9 tokens, context capped
+        assert (config.partial_rotary_factor, config.context_length) == (0.5, 16)
+        assert config.attention_layers == ("local", "local") and config.window_size == 5
     tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 9)).astype(np.int32)
     output = jax.jit(lm.apply)(lm.params, jnp.asarray(tokens), lm.init_cache(2, 16))
     with torch.no_grad():
