@@ -72,6 +72,13 @@ CAUSAL_LM_CLASSES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "GPTNeoForCausalLM": "gpt_neo",
 }
+# Checkpoints whose head is not a next-token distribution (their tied embeddings would
+# silently stand in for the missing LM head).
+_NOT_LANGUAGE_MODEL_HEADS = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+)
 # Neighbours people reach for that lmppl does not read: say what to use instead.
 _UNSUPPORTED_HINTS = {
     "gemma3n": "Gemma 3n is not supported; Gemma 3 (gemma3, gemma3_text) is",
@@ -217,6 +224,12 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> ModelConfig:
     if model_type is None and architectures and architectures[0] in CAUSAL_LM_CLASSES:
         model_type = CAUSAL_LM_CLASSES[architectures[0]]
         config_dict = dict(config_dict, model_type=model_type)
+    head = architectures[0] if architectures else ""
+    if head.endswith(_NOT_LANGUAGE_MODEL_HEADS):
+        raise ValueError(
+            f"{head} is a classifier, not a language model; lmppl.load reads causal LMs "
+            "(use a classifier as a scorer: lmppl.scorers.hf_text_classifier)"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = f" ({_UNSUPPORTED_HINTS[model_type]})" if model_type in _UNSUPPORTED_HINTS else ""
         raise ValueError(

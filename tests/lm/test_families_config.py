@@ -263,6 +263,10 @@ def test_qwen3_sliding_layers_start_at_max_window_layers():
         ({"model_type": "phi"}, r"^unsupported model type 'phi' \(Phi-1/Phi-2 .*; supported: "),
         ({"model_type": "qwen3", "attention_bias": True}, r"^qwen3: attention_bias"),
         (
+            {"architectures": ["Qwen3ForSequenceClassification"], "model_type": "qwen3"},
+            r"^Qwen3ForSequenceClassification is a classifier, not a language model",
+        ),
+        (
             {"model_type": "gemma2", "use_bidirectional_attention": True},
             r"^gemma2: use_bidirectional_attention is not supported$",
         ),
