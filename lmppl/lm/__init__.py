@@ -9,15 +9,17 @@ from lmppl.lm.base import (
     reorder_cache,
 )
 from lmppl.lm.build import SUPPORTED_MODEL_TYPES, build_network, config_from_hf
-from lmppl.lm.config import ModelConfig
+from lmppl.lm.config import ModelConfig, RopeScaling
+from lmppl.lm.gemma import GemmaNetwork
 from lmppl.lm.gguf_reader import read_gguf
 from lmppl.lm.gpt2 import GPT2Network
 from lmppl.lm.gpt_neo import GPTNeoNetwork
 from lmppl.lm.hf import HFTokenizer, load_hf
 from lmppl.lm.llama import LlamaNetwork
 from lmppl.lm.llama2c import read_llama2c
-from lmppl.lm.random_init import random_lm
+from lmppl.lm.random_init import FAMILIES, random_lm
 from lmppl.lm.registry import KNOWN_MODELS, load, load_gguf, load_llama2c
+from lmppl.lm.rope import rope_frequencies
 from lmppl.lm.table import CharTokenizer, table_lm
 from lmppl.lm.tokenizers import (
     ByteLevelBPETokenizer,
@@ -27,11 +29,13 @@ from lmppl.lm.tokenizers import (
 )
 
 __all__ = [
+    "FAMILIES",
     "KNOWN_MODELS",
     "SUPPORTED_MODEL_TYPES",
     "ByteLevelBPETokenizer",
     "CharTokenizer",
     "GPT2Network",
+    "GemmaNetwork",
     "GPTNeoNetwork",
     "HFTokenizer",
     "KVCache",
@@ -40,6 +44,7 @@ __all__ = [
     "LlamaNetwork",
     "Llama2cTokenizer",
     "ModelConfig",
+    "RopeScaling",
     "Tokenizer",
     "broadcast_cache",
     "build_network",
@@ -53,6 +58,7 @@ __all__ = [
     "random_lm",
     "read_llama2c",
     "reorder_cache",
+    "rope_frequencies",
     "table_lm",
     "tokenizer_from_gguf_metadata",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lmppl.lm.base import LanguageModel
-from lmppl.lm.build import build_network, config_from_hf
+from lmppl.lm.build import build_network, config_from_hf, language_model_tensors
 
 __all__ = ["HFTokenizer", "load_hf", "read_safetensors", "resolve_checkpoint_folder"]
 
@@ -145,7 +145,8 @@ def load_hf(path_or_id: str, dtype: Any = None) -> LanguageModel:
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
     config = config_from_hf(json.loads(config_path.read_text()))
-    network = build_network(config, read_safetensors(folder), dtype or jnp.float32)
+    tensors = language_model_tensors(read_safetensors(folder))
+    network = build_network(config, tensors, dtype or jnp.float32)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = HFTokenizer.from_folder(folder) if has_tokenizer else None
     return LanguageModel(network, config, tokenizer, name=str(path_or_id))

@@ -111,15 +111,24 @@ class Embedding(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """``y = w * x / sqrt(mean(x^2) + eps)``, normalised in float32 (as Hugging Face Llama)."""
+    """``y = (offset + w) * x / sqrt(mean(x^2) + eps)``, normalised in float32.
 
-    def __init__(self, weight: jax.Array, eps: float):
+    ``offset`` 0 is Hugging Face Llama's norm (the normalised ``x`` is cast back to the input
+    dtype, then scaled by ``w``); ``offset`` 1 is Gemma's ``1 + w``, applied in float32
+    before the cast, as ``transformers``' Gemma does.
+    """
+
+    def __init__(self, weight: jax.Array, eps: float, offset: float = 0.0):
         self.weight = nnx.Param(weight)
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            scale = self.offset + self.weight[...].astype(jnp.float32)
+            return (normed * scale).astype(x.dtype)
         return self.weight[...] * normed.astype(x.dtype)
 
 
@@ -146,28 +155,45 @@ def token_positions(lengths: jax.Array, steps: int) -> jax.Array:
     return lengths[:, None].astype(jnp.int32) + jnp.arange(steps, dtype=jnp.int32)[None, :]
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(
+    x: jax.Array,
+    positions: jax.Array,
+    theta: float,
+    inverse_frequencies: jax.Array | None = None,
+    attention_factor: float = 1.0,
+) -> jax.Array:
     """Rotary position embedding in the half-split (Hugging Face) layout.
 
     With ``D`` the head width, ``f_k = theta^(-2k/D)`` for ``k < D/2`` and the angle
     ``a_k = p f_k`` at position ``p``, the pair ``(x_k, x_{k+D/2})`` is rotated to
-    ``(x_k cos a_k - x_{k+D/2} sin a_k, x_{k+D/2} cos a_k + x_k sin a_k)``.
+    ``(x_k cos a_k - x_{k+D/2} sin a_k, x_{k+D/2} cos a_k + x_k sin a_k)``. Given
+    ``inverse_frequencies`` ``[d/2]`` (scaled RoPE, see :mod:`lmppl.lm.rope`) they replace
+    ``f``, only the first ``d`` of the ``D`` features are rotated (partial rotary embeddings;
+    the rest pass through), and cos and sin are multiplied by ``attention_factor``.
 
     Args:
       x: ``[B, S, heads, D]``.
       positions: ``[B, S]`` int positions.
-      theta: the base frequency.
+      theta: the base frequency (unused when ``inverse_frequencies`` is given).
+      inverse_frequencies: ``[d/2]`` float32 frequencies, ``d <= D``.
+      attention_factor: multiplier of cos and sin (YaRN's and LongRoPE's attention scaling).
     """
-    half = x.shape[-1] // 2
-    exponents = jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)  # 2k / D
-    inverse_frequencies = 1.0 / (theta**exponents)
-    angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies  # [B, S, D/2]
+    if inverse_frequencies is None:
+        half = x.shape[-1] // 2
+        exponents = jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)  # 2k / D
+        inverse_frequencies = 1.0 / (theta**exponents)
+    half = inverse_frequencies.shape[-1]
+    angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies  # [B, S, d/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     x32 = x.astype(jnp.float32)
-    first, second = x32[..., :half], x32[..., half:]
-    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    first, second = x32[..., :half], x32[..., half : 2 * half]
+    rotated = [first * cos - second * sin, second * cos + first * sin]
+    if 2 * half < x.shape[-1]:
+        rotated.append(x32[..., 2 * half :])
+    return jnp.concatenate(rotated, axis=-1).astype(x.dtype)
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -192,12 +218,14 @@ def cached_attention(
     *,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write the new keys/values into the cache, then attend with a causal (windowed) mask.
 
     For query head ``h`` (served by key/value head ``h // G``, ``G = H_q / H_kv``) at position
     ``q``: ``out = sum_j softmax_j(scale * <query, K_j>) V_j`` over cache positions ``j <= q``
-    (and ``q - j < window`` when ``window`` is given). Scores and softmax are float32.
+    (and ``q - j < window`` when ``window`` is given). Scores and softmax are float32; with
+    ``softcap`` ``c`` the scaled scores ``s`` become ``c tanh(s / c)`` before masking (Gemma 2).
 
     Args:
       query: ``[B, S, H_q, D]``.
@@ -206,6 +234,7 @@ def cached_attention(
       positions: ``[B, S]`` positions of the new tokens.
       scale: score multiplier (``1/sqrt(D)``, or 1 for GPT-Neo).
       window: local attention width, or ``None`` for global attention.
+      softcap: the score soft-capping constant, or ``None``.
 
     Returns:
       ``(output [B, S, H_q, D], cache_keys, cache_values)`` with the cache updated.
@@ -225,6 +254,8 @@ def cached_attention(
     )
     if scale != 1.0:
         scores = scores * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     key_positions = jnp.arange(cache_length, dtype=jnp.int32)
     distance = positions[:, :, None] - key_positions[None, None, :]  # [B, S, L]
     visible = distance >= 0

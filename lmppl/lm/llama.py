@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Qwen2, SmolLM) as a Flax NNX network.
+"""The Llama family (Llama 2/3, Mistral, Qwen2/3, Phi-3/4, SmolLM) as a Flax NNX network.
 
 One block, with RMSNorm ``n(.)``, rotary embeddings on queries and keys, grouped-query
 attention (``H_kv`` key/value heads each serving ``H_q / H_kv`` query heads) and a SwiGLU MLP:
@@ -7,9 +7,16 @@ attention (``H_kv`` key/value heads each serving ``H_q / H_kv`` query heads) and
     h <- h + W_down (silu(W_gate n2(h)) * W_up n2(h))
 
 and ``logits = W_out n(h)``, with ``W_out`` the token embedding when the output is tied.
-Qwen2 adds biases to ``W_q, W_k, W_v`` (``config.attention_bias``). Parameters are read
-from tensors named as in ``transformers``' ``LlamaForCausalLM`` state dict
-(``model.layers.{i}.self_attn.q_proj.weight``, ...).
+The family's variants are config switches: Qwen2 adds biases to ``W_q, W_k, W_v``
+(``config.attention_bias``); Qwen3 normalises each query and key head with its own RMSNorm
+before RoPE (``config.qk_norm``); Phi-3 stores ``[W_q; W_k; W_v]`` as one ``qkv_proj`` and
+``[W_gate; W_up]`` as one ``gate_up_proj`` (``config.fused_projections``) and may rotate
+only part of each head (``config.partial_rotary_factor``); Llama 3.1+ and others rescale
+RoPE (``config.rope_scaling``, see :mod:`lmppl.lm.rope`); layers marked ``"local"`` in
+``config.attention_layers`` attend through a sliding window. Parameters are read from
+tensors named as in ``transformers``' ``LlamaForCausalLM`` state dict
+(``model.layers.{i}.self_attn.q_proj.weight``, ...; Phi-3's fused ones, Qwen3's
+``self_attn.q_norm.weight``). The attention module is shared with :mod:`lmppl.lm.gemma`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from lmppl.lm.config import ModelConfig
 from lmppl.lm.layers import (
     ACTIVATIONS,
     Embedding,
+    Linear,
     ParameterSource,
     RMSNorm,
     apply_rope,
@@ -34,26 +42,60 @@ from lmppl.lm.layers import (
     run_blocks,
     token_positions,
 )
+from lmppl.lm.rope import rope_frequencies
 
 __all__ = ["LlamaAttention", "LlamaBlock", "LlamaMLP", "LlamaNetwork"]
 
 
 class LlamaAttention(nnx.Module):
-    """Grouped-query self-attention with RoPE, optional q/k/v biases, no output bias."""
+    """Grouped-query self-attention with RoPE, optional q/k/v biases, no output bias.
 
-    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
+    Also the attention of Qwen3 (per-head q/k RMSNorm), Phi-3 (fused ``qkv_proj``, partial
+    rotary), and Gemma (q/k norms with ``1 + w``, score scale, soft-capping), each switched
+    on by ``config``; ``layer`` selects the sliding window and RoPE of local layers.
+    """
+
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str, layer: int = 0):
         hidden, head_dim = config.hidden_size, config.head_dim
         query_width = config.num_heads * head_dim
         kv_width = config.num_kv_heads * head_dim
         bias = config.attention_bias
-        self.q_proj = linear_from_torch(get, f"{prefix}.q_proj", hidden, query_width, bias)
-        self.k_proj = linear_from_torch(get, f"{prefix}.k_proj", hidden, kv_width, bias)
-        self.v_proj = linear_from_torch(get, f"{prefix}.v_proj", hidden, kv_width, bias)
+        if config.fused_projections:
+            fused = get(f"{prefix}.qkv_proj.weight", (query_width + 2 * kv_width, hidden)).T
+            self.q_proj = Linear(fused[:, :query_width])
+            self.k_proj = Linear(fused[:, query_width : query_width + kv_width])
+            self.v_proj = Linear(fused[:, query_width + kv_width :])
+        else:
+            self.q_proj = linear_from_torch(get, f"{prefix}.q_proj", hidden, query_width, bias)
+            self.k_proj = linear_from_torch(get, f"{prefix}.k_proj", hidden, kv_width, bias)
+            self.v_proj = linear_from_torch(get, f"{prefix}.v_proj", hidden, kv_width, bias)
         self.o_proj = linear_from_torch(get, f"{prefix}.o_proj", query_width, hidden, False)
+        if config.qk_norm:
+            eps, offset = config.norm_eps, config.norm_weight_offset
+            self.q_norm = RMSNorm(get(f"{prefix}.q_norm.weight", (head_dim,)), eps, offset)
+            self.k_norm = RMSNorm(get(f"{prefix}.k_norm.weight", (head_dim,)), eps, offset)
+        else:
+            self.q_norm = self.k_norm = None
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = head_dim
-        self.rope_theta = config.rope_theta
+        local = config.is_local_layer(layer)
+        self.window = config.window_size if local else None
+        theta, scaling = config.rope_theta, config.rope_scaling
+        if local and config.local_rope_theta is not None:
+            theta, scaling = config.local_rope_theta, config.local_rope_scaling
+        self.rope_theta = theta
+        if scaling is None and config.partial_rotary_factor == 1.0:
+            # Plain RoPE: apply_rope derives the frequencies from theta, as it always has.
+            self.inverse_frequencies, self.rope_attention_factor = None, 1.0
+        else:
+            frequencies, self.rope_attention_factor = rope_frequencies(
+                head_dim, theta, scaling, config.partial_rotary_factor
+            )
+            # Static (hashable) floats: they become trace-time constants, not parameters.
+            self.inverse_frequencies = tuple(float(f) for f in frequencies)
+        self.scale = config.query_scale or default_scale(head_dim)
+        self.softcap = config.attention_softcap
 
     def __call__(
         self,
@@ -67,8 +109,14 @@ class LlamaAttention(nnx.Module):
         query = self.q_proj(x).reshape(batch, steps, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
-        query = apply_rope(query, positions, self.rope_theta)
-        key = apply_rope(key, positions, self.rope_theta)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        frequencies = None
+        if self.inverse_frequencies is not None:
+            frequencies = jnp.asarray(self.inverse_frequencies, jnp.float32)
+        factor = self.rope_attention_factor
+        query = apply_rope(query, positions, self.rope_theta, frequencies, factor)
+        key = apply_rope(key, positions, self.rope_theta, frequencies, factor)
         output, cache_keys, cache_values = cached_attention(
             query,
             key,
@@ -76,7 +124,9 @@ class LlamaAttention(nnx.Module):
             cache_keys,
             cache_values,
             positions,
-            scale=default_scale(self.head_dim),
+            scale=self.scale,
+            window=self.window,
+            softcap=self.softcap,
         )
         return self.o_proj(output.reshape(batch, steps, -1)), cache_keys, cache_values
 
@@ -86,8 +136,12 @@ class LlamaMLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = linear_from_torch(get, f"{prefix}.gate_proj", hidden, inner, False)
-        self.up_proj = linear_from_torch(get, f"{prefix}.up_proj", hidden, inner, False)
+        if config.fused_projections:  # Phi-3: gate_up_proj = [W_gate; W_up]
+            fused = get(f"{prefix}.gate_up_proj.weight", (2 * inner, hidden)).T
+            self.gate_proj, self.up_proj = Linear(fused[:, :inner]), Linear(fused[:, inner:])
+        else:
+            self.gate_proj = linear_from_torch(get, f"{prefix}.gate_proj", hidden, inner, False)
+            self.up_proj = linear_from_torch(get, f"{prefix}.up_proj", hidden, inner, False)
         self.down_proj = linear_from_torch(get, f"{prefix}.down_proj", inner, hidden, False)
         self.activation = config.activation
 
@@ -99,10 +153,10 @@ class LlamaMLP(nnx.Module):
 class LlamaBlock(nnx.Module):
     """Pre-norm residual block: attention then gated MLP."""
 
-    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str, layer: int = 0):
         hidden, eps = config.hidden_size, config.norm_eps
         self.input_layernorm = RMSNorm(get(f"{prefix}.input_layernorm.weight", (hidden,)), eps)
-        self.self_attn = LlamaAttention(config, get, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, get, f"{prefix}.self_attn", layer)
         self.post_attention_layernorm = RMSNorm(
             get(f"{prefix}.post_attention_layernorm.weight", (hidden,)), eps
         )
@@ -125,7 +179,7 @@ class LlamaNetwork(nnx.Module):
         self.config = config
         self.embed_tokens = Embedding(get("model.embed_tokens.weight", (vocab, hidden)))
         self.layers = nnx.List(
-            [LlamaBlock(config, get, f"model.layers.{i}") for i in range(config.num_layers)]
+            [LlamaBlock(config, get, f"model.layers.{i}", i) for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(get("model.norm.weight", (hidden,)), config.norm_eps)
         self.lm_head = (

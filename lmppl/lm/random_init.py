@@ -1,7 +1,8 @@
 """Random-initialised tiny transformers for tests and examples (no checkpoint needed).
 
-``random_lm("llama", vocab_size=6)`` builds a real Llama / GPT-2 / GPT-Neo network of
-the requested size with random weights, wrapped as a :class:`LanguageModel` with a
+``random_lm("llama", vocab_size=6)`` builds a real Llama / GPT-2 / GPT-Neo network (or a
+Qwen3, Phi-3, Gemma 2 or Gemma 3 one: ``random_lm("gemma2")``) of the requested size with
+random weights, wrapped as a :class:`LanguageModel` with a
 character tokenizer. With a vocabulary of 4–8 symbols and a few new tokens every
 sequence can be enumerated, so inference over a real KV-cached transformer can be checked
 against the exact target.
@@ -19,7 +20,36 @@ from lmppl.lm.build import NETWORKS
 from lmppl.lm.config import ModelConfig
 from lmppl.lm.table import CharTokenizer
 
-__all__ = ["random_lm"]
+__all__ = ["FAMILIES", "random_lm"]
+
+# The switches that make a tiny Llama or Gemma config one of the newer families.
+FAMILIES: tuple[str, ...] = ("qwen3", "phi3", "gemma2", "gemma3")
+
+
+def _family_config(family: str, config: ModelConfig) -> ModelConfig:
+    """``config`` (a tiny llama) turned into ``family``: Qwen3's q/k norms; Phi-3's fused
+    projections and half-rotary heads; Gemma's norms, embedding scale, alternating sliding
+    windows of 2, and Gemma 2's soft-capping (constants small enough to bend) or Gemma 3's
+    q/k norms and local RoPE base."""
+    if family == "qwen3":
+        return config.replace(qk_norm=True)
+    if family == "phi3":
+        return config.replace(fused_projections=True, partial_rotary_factor=0.5)
+    gemma = config.replace(
+        architecture="gemma",
+        tie_word_embeddings=True,
+        activation="gelu_pytorch_tanh",
+        attention_layers=tuple(
+            "local" if i % 2 == 0 else "global" for i in range(config.num_layers)
+        ),
+        norm_weight_offset=1.0,
+        embedding_multiplier=config.hidden_size**0.5,
+        feedforward_norms=True,
+        query_scale=(2 * config.head_dim) ** -0.5,
+    )
+    if family == "gemma2":
+        return gemma.replace(attention_softcap=5.0, final_logit_softcap=10.0)
+    return gemma.replace(qk_norm=True, rope_theta=1_000_000.0, local_rope_theta=10_000.0)
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], seed: int, scale: float) -> jax.Array:
@@ -50,14 +80,19 @@ def random_lm(
     """A tiny random transformer over ``<s> </s>`` plus ``symbols`` (or that many letters).
 
     Args:
-      architecture: ``"llama"``, ``"gpt2"`` or ``"gpt_neo"`` (local attention window 2 on
-        alternate layers, so the window is exercised at tiny lengths).
+      architecture: ``"llama"``, ``"gpt2"``, ``"gpt_neo"`` (local attention window 2 on
+        alternate layers, so the window is exercised at tiny lengths), or a family of
+        :data:`FAMILIES`: ``"qwen3"``, ``"phi3"`` (llama networks with their switches),
+        ``"gemma2"``, ``"gemma3"`` (gemma networks, window 2 on alternate layers).
       scale: spread of the random weights (larger gives more peaked next-token laws).
     """
     if isinstance(symbols, int):
         symbols = "abcdefghijklmnopqrstuvwxyz"[:symbols]
     tokenizer = CharTokenizer(symbols)
     head_dim = hidden_size // num_heads
+    family = architecture if architecture in FAMILIES else None
+    if family is not None:
+        architecture = "llama"
     config = ModelConfig(
         architecture=architecture,
         vocab_size=tokenizer.vocab_size,
@@ -79,10 +114,13 @@ def random_lm(
         eos_token_id=tokenizer.eos_token_id,
     )
     if architecture not in NETWORKS:
-        raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(NETWORKS)}")
+        choices = sorted([*NETWORKS, *FAMILIES])
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {choices}")
+    if family is not None:
+        config = _family_config(family, config)
 
     def source(name: str, shape: tuple[int, ...]) -> jax.Array:
         return _random_tensor(name, tuple(shape), seed, scale).astype(jnp.float32)
 
-    network = NETWORKS[architecture](config, source)
-    return LanguageModel(network, config, tokenizer, name=f"random-{architecture}")
+    network = NETWORKS[config.architecture](config, source)
+    return LanguageModel(network, config, tokenizer, name=f"random-{family or architecture}")

@@ -125,7 +125,8 @@ def load_llama2c(
 def load_gguf(
     path: str | os.PathLike, *, dtype: Any = None, name: str | None = None
 ) -> LanguageModel:
-    """A :class:`LanguageModel` from a llama GGUF file (dequantized; tokenizer from metadata).
+    """A :class:`LanguageModel` from a llama, qwen2, qwen3 or phi3 GGUF file (dequantized;
+    its tokenizer from the metadata).
 
     Args:
       path: the ``.gguf`` file.

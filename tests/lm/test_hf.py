@@ -108,8 +108,9 @@ def test_unsupported_model_type_lists_the_supported_ones():
 
 def test_unsupported_features_are_refused(get_twin):
     llama = dict(get_twin("llama").hf_config)
-    scaled = dict(llama, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8})
-    with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
+    scaled = dict(llama, rope_parameters={"rope_type": "proportional", "rope_theta": 5e5})
+    message = r"^llama: RoPE scaling 'proportional' is not supported; supported: linear, dynamic"
+    with pytest.raises(ValueError, match=message):
         config_from_hf(scaled)
     with pytest.raises(ValueError, match="attention_bias"):
         config_from_hf(dict(llama, attention_bias=True))
