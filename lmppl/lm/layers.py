@@ -243,25 +243,18 @@ def cached_attention(
     cache_values = write_rows(cache_values, value, positions)
     batch, steps, query_heads, head_dim = query.shape
     kv_heads, cache_length = cache_keys.shape[2], cache_keys.shape[1]
+    key_positions = jnp.arange(cache_length, dtype=jnp.int32)
+    visible = _visible(positions[:, :, None] - key_positions[None, None, :], window)  # [B, S, L]
     if steps == 1:
         output = _single_query_attention(
-            query, cache_keys, cache_values, positions, scale=scale, window=window
+            query, cache_keys, cache_values, visible[:, 0], scale=scale, softcap=softcap
         )
         return output, cache_keys, cache_values
     grouped = query.reshape(batch, steps, kv_heads, query_heads // kv_heads, head_dim)
     scores = jnp.einsum(
         "bskgd,blkd->bkgsl", grouped, cache_keys, preferred_element_type=jnp.float32
     )
-    if scale != 1.0:
-        scores = scores * scale
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    key_positions = jnp.arange(cache_length, dtype=jnp.int32)
-    distance = positions[:, :, None] - key_positions[None, None, :]  # [B, S, L]
-    visible = distance >= 0
-    if window is not None:
-        visible = visible & (distance < window)
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = _final_scores(scores, visible[:, None, None], scale=scale, softcap=softcap)
     probabilities = jax.nn.softmax(scores, axis=-1)
     output = jnp.einsum(
         "bkgsl,blkd->bskgd",
@@ -273,14 +266,33 @@ def cached_attention(
     return output, cache_keys, cache_values
 
 
+def _visible(distance: jax.Array, window: int | None) -> jax.Array:
+    """Causal (and windowed) visibility from ``query position − key position``."""
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    return visible
+
+
+def _final_scores(
+    scores: jax.Array, visible: jax.Array, *, scale: float, softcap: float | None
+) -> jax.Array:
+    """Scale, soft-cap (``c tanh(s / c)``) and mask float32 attention scores."""
+    if scale != 1.0:
+        scores = scores * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    return jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+
+
 def _single_query_attention(
     query: jax.Array,
     cache_keys: jax.Array,
     cache_values: jax.Array,
-    positions: jax.Array,
+    visible: jax.Array,
     *,
     scale: float,
-    window: int | None,
+    softcap: float | None,
 ) -> jax.Array:
     """:func:`cached_attention` for one new token per row (a decoding step).
 
@@ -288,20 +300,17 @@ def _single_query_attention(
     then over ``L`` in the cache's own ``[B, L, H_kv, D]`` layout: a batched matrix product
     with a query of one row would first transpose the whole cache on every step (on CPU
     that copy and the tiny matrix products cost more than the arithmetic).
+
+    Args:
+      visible: ``[B, L]`` which cache positions the query sees.
     """
     batch, _, query_heads, head_dim = query.shape
-    kv_heads, cache_length = cache_keys.shape[2], cache_keys.shape[1]
+    kv_heads = cache_keys.shape[2]
     grouped = query.reshape(batch, 1, kv_heads, query_heads // kv_heads, head_dim)
     scores = jnp.sum(
         grouped.astype(jnp.float32) * cache_keys[:, :, :, None, :].astype(jnp.float32), axis=-1
     )  # [B, L, H_kv, G]
-    if scale != 1.0:
-        scores = scores * scale
-    distance = positions - jnp.arange(cache_length, dtype=jnp.int32)[None, :]  # [B, L]
-    visible = distance >= 0
-    if window is not None:
-        visible = visible & (distance < window)
-    scores = jnp.where(visible[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = _final_scores(scores, visible[:, :, None, None], scale=scale, softcap=softcap)
     probabilities = jax.nn.softmax(scores, axis=1)
     output = jnp.sum(
         probabilities[..., None] * cache_values[:, :, :, None, :].astype(jnp.float32), axis=1
