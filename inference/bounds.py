@@ -142,4 +142,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    lmppl.enable_compilation_cache()
     main()

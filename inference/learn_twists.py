@@ -397,4 +397,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    lmppl.enable_compilation_cache()
     main()

@@ -207,4 +207,5 @@ def plot(out, rows):
 
 
 if __name__ == "__main__":
+    lmppl.enable_compilation_cache()
     main()

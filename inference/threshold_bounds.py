@@ -491,5 +491,6 @@ def plot(rows, ref, options, curve_k, curve_lower, curve_upper) -> None:
 
 
 if __name__ == "__main__":
+    lmppl.enable_compilation_cache()
     jnp.zeros(())  # initialise JAX before tqdm
     raise SystemExit(main())

@@ -256,5 +256,6 @@ def plot(rows, path: Path, k: int) -> None:
 
 
 if __name__ == "__main__":
+    lmppl.enable_compilation_cache()
     jnp.zeros(())  # initialise JAX before tqdm
     raise SystemExit(main())

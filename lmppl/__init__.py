@@ -6,6 +6,7 @@ inference backends (:mod:`lmppl.infer`) read the program through NumPyro's handl
 """
 
 from lmppl import diagnostics, evaluation, infer, potentials, scorers, tnt, training, twists
+from lmppl.compilation_cache import enable_compilation_cache
 from lmppl.distribution import LM
 from lmppl.evaluation import plots
 from lmppl.generate import Generation, generate
@@ -22,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "concat",
     "diagnostics",
+    "enable_compilation_cache",
     "evaluation",
     "generate",
     "infer",

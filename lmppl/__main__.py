@@ -151,6 +151,7 @@ def run(options: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     options = _parser().parse_args(argv)
+    lmppl.enable_compilation_cache()
     try:
         run(options)
     except (UsageError, ValueError, OSError, ImportError, RuntimeError) as error:

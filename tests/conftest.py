@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import lmppl
 from tests.fixtures import TWIN_CASES, Twin, make_twin
 
 
@@ -17,3 +18,9 @@ def twin(request) -> Twin:
 def get_twin():
     """``get_twin(case)``: the shared twin of one case."""
     return make_twin
+
+
+def pytest_configure(config):
+    """Compiled sweeps are kept on disk across test runs (lmppl's persistent cache, as for
+    the CLI and the recipes; ``LMPPL_COMPILATION_CACHE=0`` runs the suite cold)."""
+    lmppl.enable_compilation_cache()

@@ -47,6 +47,7 @@ from lmppl.cli.errors import (
 )
 from lmppl.cli.output import format_samples
 from lmppl.cli.targets import parse_options, resolve_target
+from lmppl.compilation_cache import enable_compilation_cache
 
 __all__ = [
     "UsageError",
@@ -226,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad arguments, 1 failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     show_traceback = "--traceback" in argv
+    enable_compilation_cache()
     try:
         options = build_parser().parse_args(argv)
         show_traceback = bool(getattr(options, "traceback", False))
