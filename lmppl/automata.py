@@ -360,9 +360,7 @@ def regex(
     accepting = np.asarray([state in fsm.finals for state in order], bool)
     distance = _distances(rows, accepting)
     if distance[0] == _UNREACHABLE:
-        raise ValueError(
-            f"no token sequence of this vocabulary spells a text matching {pattern!r}"
-        )
+        raise ValueError(f"no token sequence of this vocabulary spells a text matching {pattern!r}")
     # Keep the states that can still reach acceptance token by token (a character state
     # may be live while no token lands on a continuation).
     keep = np.flatnonzero(distance != _UNREACHABLE)

@@ -91,7 +91,11 @@ def brute_force_target(case):
 def as_distribution(sequences, log_weights):
     log_weights = np.asarray(log_weights, np.float64)
     weights = np.exp(log_weights - np.logaddexp.reduce(log_weights))
-    return {tuple(row): w for row, w in zip(np.asarray(sequences).tolist(), weights) if w > 0}
+    return {
+        tuple(row): w
+        for row, w in zip(np.asarray(sequences).tolist(), weights, strict=True)
+        if w > 0
+    }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
