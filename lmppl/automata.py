@@ -148,9 +148,29 @@ def _trie(texts: Sequence[str | None]) -> tuple[_Trie, list[int]]:
             continue
         node = root
         for character in text:
-            node = node.children.setdefault(character, _Trie())
+            child = node.children.get(character)
+            if child is None:
+                child = node.children[character] = _Trie()
+            node = child
         node.ids.append(token_id)
     return root, empty
+
+
+# The vocabulary trie of the last few tokenizers (reading a 49k vocabulary takes seconds;
+# one tokenizer usually serves several patterns). Entries keep their tokenizer alive, so
+# an id is never reused while cached.
+_VOCABULARIES: dict[int, tuple[Any, _Trie, list[int]]] = {}
+_VOCABULARY_CACHE_SIZE = 4
+
+
+def _vocabulary(tokenizer: Any) -> tuple[_Trie, list[int]]:
+    entry = _VOCABULARIES.get(id(tokenizer))
+    if entry is None or entry[0] is not tokenizer:
+        root, empty = _trie(token_texts(tokenizer))
+        while len(_VOCABULARIES) >= _VOCABULARY_CACHE_SIZE:
+            del _VOCABULARIES[next(iter(_VOCABULARIES))]
+        entry = _VOCABULARIES[id(tokenizer)] = (tokenizer, root, empty)
+    return entry[1], entry[2]
 
 
 def _character_automaton(pattern: str) -> Any:
@@ -341,8 +361,7 @@ def regex(
     live = _live_states(fsm)
     if fsm.initial not in live:
         raise ValueError(f"the regular expression {pattern!r} matches no text")
-    texts = token_texts(tokenizer)
-    root, empty = _trie(texts)
+    root, empty = _vocabulary(tokenizer)
     index = {fsm.initial: 0}
     order = [fsm.initial]
     rows: list[dict[int, int]] = []
