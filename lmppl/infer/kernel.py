@@ -22,7 +22,10 @@ e.g. a constraint's automaton state, see :func:`lmppl.potentials.constrain`): it
 gathered with the particle on resampling and advanced with each sampled token.
 
 The ESS rule is ``ess_threshold`` (``None``: never resample, importance sampling;
-``>= 1``: every step). Rows that emitted EOS are padded with EOS and carry weight 1 (and
+``>= 1``: every step). Block-level steps: with ``resample_every = k`` the rule is only
+consulted at the block boundaries t = k, 2k, ...; inside a block every token is still
+proposed and weighted as above (so step potentials keep masking each token), and the
+weights accumulate over the block, so Ẑ stays unbiased and the final weights exact. Rows that emitted EOS are padded with EOS and carry weight 1 (and
 their twist value) from then on. A model that is not ``locally_normalised`` (see
 :mod:`lmppl.decoding`) has ``p̃0(s) = Π_t exp m_t(s_t)``: the same formulas hold with
 ``p0(v | s_<t)`` read as ``exp m_t(v)`` (e.g. global DeRa targets
@@ -85,6 +88,8 @@ class SweepOptions:
         through every step and keeps its own ancestry, only the other N − 1 particles are
         resampled (multinomial resampling only). With the reference an exact sample of σ,
         ``E[log Ẑ] >= log Z`` (the upper half of the bidirectional bounds).
+      resample_every: block size k: resampling is considered only before steps
+        t = k, 2k, ... (block-level steps; 1: before every step).
     """
 
     num_particles: int
@@ -92,6 +97,7 @@ class SweepOptions:
     ess_threshold: float | None = 0.5
     particle_sharding: Any = None
     conditional: bool = False
+    resample_every: int = 1
 
 
 class BoundProgram(NamedTuple):
@@ -220,6 +226,9 @@ def _lm_params(structure: ProgramStructure, model_params: ModelParams) -> Any:
 
 def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
     """Refuse settings the kernel cannot run exactly (one-line :class:`ProgramError`)."""
+    every = options.resample_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ProgramError(f"resample_every must be a positive integer, got {every!r}")
     if not options.conditional:
         return
     if structure.prefix_sites:
@@ -353,7 +362,8 @@ def build_kernel(
             resampled = jnp.zeros((), bool)
             ancestors = jnp.arange(num, dtype=jnp.int32)
         else:
-            resampled = (t > 0) & ((threshold >= 1.0) | (ess < threshold * num))
+            boundary = (t > 0) & (t % options.resample_every == 0)
+            resampled = boundary & ((threshold >= 1.0) | (ess < threshold * num))
             state, ancestors = jax.lax.cond(
                 resampled, resample_branch, keep_branch, state, resample_key
             )
