@@ -124,6 +124,17 @@ def test_loops_after_accepting_states():
     assert AUTOMATON.accepts([ab, LM.eos_token_id, a])  # the text stops at EOS
 
 
+def test_token_classes_are_the_distinct_columns():
+    """Tokens share a class iff they move alike from every state (dense view round trip)."""
+    for automaton in (AUTOMATON, JSON_AUTOMATON):
+        dense = automaton.transitions
+        assert dense.shape == (automaton.num_states, automaton.vocab_size)
+        assert np.unique(dense, axis=1).shape[1] == automaton.num_classes
+        for c in range(automaton.num_classes):
+            members = dense[:, automaton.token_class == c]
+            assert (members == members[:, :1]).all()
+
+
 def exact_log_z(case):
     return float(lmppl.infer.Exact(CASES[case][0]).run(None).log_marginal)
 
@@ -216,7 +227,7 @@ def test_errors_are_one_line():
     )
     one_line_error(
         lambda: potentials.regex(PATTERN, LM, max_table_bytes=64),
-        r"has \d+ states × 5 tokens: a dense table of .* exceeds max_table_bytes",
+        r"has \d+ states × \d+ token classes: a table of .* exceeds max_table_bytes",
     )
 
 
