@@ -16,7 +16,7 @@ import numpyro
 import pytest
 
 import lmppl
-from lmppl import potentials
+from lmppl import evaluation, potentials
 from lmppl.decoding import trim_at_eos
 from tests.fixtures import brute_force, table_lm
 from tests.statistical import assert_within_standard_errors, mean_and_standard_error
@@ -193,6 +193,28 @@ def test_conditional_smc_upper_bound_with_constraint():
     ratios = np.exp(np.logaddexp.reduce(log_target) - np.asarray(estimates, np.float64))
     assert mean_and_standard_error(ratios)[1] > 0
     assert_within_standard_errors(ratios, 1.0, k=4)
+
+
+def test_rejection_from_the_masked_proposal_is_exact():
+    """The masked IS proposal has w = σ̃/q ≤ 1, so rejection from it (what the bounds use as
+    references) gives exact samples of σ: frequencies match brute force, P(accept) = Z."""
+    sequences, log_target = brute_force_target("regex_eos")
+    log_z = float(np.logaddexp.reduce(log_target))
+    draws = evaluation.rejection_sample(PROGRAM, jax.random.key(6), 400, batch_size=1024)
+    sigma = as_distribution(sequences, log_target)
+    keys = list(sigma)
+    counts = dict.fromkeys(keys, 0)
+    for row in draws.samples.tolist():
+        counts[tuple(row)] += 1  # a KeyError here: a sample outside the language
+    frequencies = np.asarray([counts[k] for k in keys]) / draws.num_samples
+    expected = np.asarray([sigma[k] for k in keys])
+    error = np.sqrt(expected * (1 - expected) / draws.num_samples)
+    assert_within_standard_errors(frequencies, expected, k=4, standard_error=error)
+    # P(accept) = E_q[σ̃/q] = Z (the envelope is 1).
+    z = np.exp(log_z)
+    assert_within_standard_errors(
+        draws.acceptance_rate, z, k=4, standard_error=np.sqrt(z * (1 - z) / draws.num_draws)
+    )
 
 
 def test_dead_state_allows_nothing():
