@@ -25,8 +25,9 @@ The ESS rule is ``ess_threshold`` (``None``: never resample, importance sampling
 ``>= 1``: every step). Block-level steps: with ``resample_every = k`` the rule is only
 consulted at the block boundaries t = k, 2k, ...; inside a block every token is still
 proposed and weighted as above (so step potentials keep masking each token), and the
-weights accumulate over the block, so Ẑ stays unbiased and the final weights exact. Rows that emitted EOS are padded with EOS and carry weight 1 (and
-their twist value) from then on. A model that is not ``locally_normalised`` (see
+weights accumulate over the block, so Ẑ stays unbiased and the final weights exact.
+Rows that emitted EOS are padded with EOS and carry weight 1 (and their twist value) from
+then on. A model that is not ``locally_normalised`` (see
 :mod:`lmppl.decoding`) has ``p̃0(s) = Π_t exp m_t(s_t)``: the same formulas hold with
 ``p0(v | s_<t)`` read as ``exp m_t(v)`` (e.g. global DeRa targets
 ``π_ref^(1−λ) π_aligned^λ φ`` exactly).
