@@ -31,15 +31,15 @@ STEPS = 4
 NUM_RUNS = 400
 
 
-def constrained(s_stop_at_eos: bool = True, steps: int = STEPS):
+def constrained(stop_at_eos: bool = True, steps: int = STEPS):
     def program():
-        s = numpyro.sample("s", lmppl.LM(LM, "a", steps, stop_at_eos=s_stop_at_eos))
+        s = numpyro.sample("s", lmppl.LM(LM, "a", steps, stop_at_eos=stop_at_eos))
         potentials.constrain(
-            "pattern", s, AUTOMATON, eos_token_id=LM.eos_token_id if s_stop_at_eos else None
+            "pattern", s, AUTOMATON, eos_token_id=LM.eos_token_id if stop_at_eos else None
         )
 
     def free():
-        numpyro.sample("s", lmppl.LM(LM, "a", steps, stop_at_eos=s_stop_at_eos))
+        numpyro.sample("s", lmppl.LM(LM, "a", steps, stop_at_eos=stop_at_eos))
 
     return program, free
 
