@@ -20,8 +20,8 @@ How it is built (all on the host, once, outside any program):
    that leave an accepting state towards a non-accepting one, so ``(ab)+`` accepts only
    ``ab`` — see ``tests/infer/test_automaton_potentials.py``.)
 2. Every token's text is walked through the character automaton from every state reached
-   at a token boundary (a depth-first walk of the vocabulary's trie, pruned at dead
-   states): the state after token v from state q, or −1.
+   at a token boundary (all tokens at once, one numpy gather per character position):
+   the state after token v from state q, or −1.
 3. States from which no accepting state can be reached are dropped; ``distance[q]`` is the
    fewest tokens that lead from q to an accepting state.
 4. Tokens that act alike from every state share a class (partition refinement, one state
@@ -135,48 +135,81 @@ def token_texts(tokenizer: Any) -> list[str | None]:
     return texts
 
 
-class _Trie:
-    __slots__ = ("children", "ids")
+class _Vocabulary:
+    """A tokenizer's token texts laid out for a vectorised walk (built once per tokenizer).
 
-    def __init__(self) -> None:
-        self.children: dict[str, _Trie] = {}
-        self.ids: list[int] = []
+    Tokens with a text are sorted by length, longest first, so that the tokens still
+    walking at character position j are a prefix: ``columns[j]`` holds the index (into
+    ``characters``) of character j of the first ``len(columns[j])`` tokens.
+
+    Attributes:
+      token_ids: ``[M]`` the ids of the tokens with a text, longest first.
+      characters: the distinct characters of the vocabulary.
+      columns: ``[len_j]`` int32 arrays, one per character position.
+    """
+
+    def __init__(self, texts: Sequence[str | None]):
+        ids = [i for i, text in enumerate(texts) if text is not None]
+        ids.sort(key=lambda i: -len(texts[i] or ""))
+        self.token_ids = np.asarray(ids, np.int64)
+        position: dict[str, int] = {}
+        longest = len(texts[ids[0]] or "") if ids else 0
+        rows: list[list[int]] = [[] for _ in range(longest)]
+        for token_id in ids:
+            for j, character in enumerate(texts[token_id] or ""):
+                rows[j].append(position.setdefault(character, len(position)))
+        self.characters = list(position)
+        self.columns = [np.asarray(row, np.int32) for row in rows]
 
 
-def _trie(texts: Sequence[str | None]) -> tuple[_Trie, list[int]]:
-    """The trie of the non-empty texts, and the ids of empty ones."""
-    root, empty = _Trie(), []
-    for token_id, text in enumerate(texts):
-        if text is None:
-            continue
-        if not text:
-            empty.append(token_id)
-            continue
-        node = root
-        for character in text:
-            child = node.children.get(character)
-            if child is None:
-                child = node.children[character] = _Trie()
-            node = child
-        node.ids.append(token_id)
-    return root, empty
-
-
-# The vocabulary trie of the last few tokenizers (reading a 49k vocabulary takes seconds;
-# one tokenizer usually serves several patterns). Entries keep their tokenizer alive, so
-# an id is never reused while cached.
-_VOCABULARIES: dict[int, tuple[Any, _Trie, list[int]]] = {}
+# The vocabulary of the last few tokenizers (reading a 49k vocabulary takes about a
+# second; one tokenizer usually serves several patterns). Entries keep their tokenizer
+# alive, so an id is never reused while cached.
+_VOCABULARIES: dict[int, tuple[Any, _Vocabulary]] = {}
 _VOCABULARY_CACHE_SIZE = 4
 
 
-def _vocabulary(tokenizer: Any) -> tuple[_Trie, list[int]]:
+def _vocabulary(tokenizer: Any) -> _Vocabulary:
     entry = _VOCABULARIES.get(id(tokenizer))
     if entry is None or entry[0] is not tokenizer:
-        root, empty = _trie(token_texts(tokenizer))
         while len(_VOCABULARIES) >= _VOCABULARY_CACHE_SIZE:
             del _VOCABULARIES[next(iter(_VOCABULARIES))]
-        entry = _VOCABULARIES[id(tokenizer)] = (tokenizer, root, empty)
-    return entry[1], entry[2]
+        entry = _VOCABULARIES[id(tokenizer)] = (tokenizer, _Vocabulary(token_texts(tokenizer)))
+    return entry[1]
+
+
+class _Walker:
+    """Every token's text walked through a character automaton at once (numpy).
+
+    ``table [K + 1, A]`` is the character automaton's moves with the states that cannot
+    reach acceptance (and missing moves) sent to the absorbing dead state K.
+    """
+
+    def __init__(self, fsm: Any, live: set, vocabulary: _Vocabulary):
+        self.states = list(fsm.states)
+        self.index = {state: i for i, state in enumerate(self.states)}
+        self.dead = len(self.states)
+        alphabet = fsm.alphabet
+        symbols = max(alphabet.values()) + 1
+        self.table = np.full((self.dead + 1, symbols), self.dead, np.int32)
+        for state, moves in fsm.map.items():
+            for symbol, target in moves.items():
+                if target in live:
+                    self.table[self.index[state], symbol] = self.index[target]
+        symbol_of = np.asarray([alphabet[c] for c in vocabulary.characters], np.int32)
+        self.columns = [symbol_of[column] for column in vocabulary.columns]
+        self.token_ids = vocabulary.token_ids
+
+    def moves(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(token ids, character state numbers)`` of the tokens whose text can be read
+        from state number ``start`` without leaving the live states (an empty text stays
+        at ``start``)."""
+        current = np.full(len(self.token_ids), start, np.int32)
+        for column in self.columns:
+            head = current[: len(column)]
+            current[: len(column)] = self.table[head, column]
+        allowed = current != self.dead
+        return self.token_ids[allowed], current[allowed]
 
 
 def _character_automaton(pattern: str) -> Any:
@@ -205,25 +238,6 @@ def _live_states(fsm: Any) -> set:
                 live.add(previous)
                 queue.append(previous)
     return live
-
-
-def _token_moves(fsm: Any, live: set, root: _Trie, empty: list[int], start: Any) -> dict[int, Any]:
-    """``{token id: character state}`` after each token's text from ``start`` (live ends)."""
-    alphabet, moves = fsm.alphabet, fsm.map
-    result = dict.fromkeys(empty, start)
-    stack = [(root, start)]
-    while stack:
-        node, state = stack.pop()
-        transitions = moves.get(state, {})
-        for character, child in node.children.items():
-            target = transitions.get(alphabet[character])
-            if target is None or target not in live:
-                continue
-            for token_id in child.ids:
-                result[token_id] = target
-            if child.children:
-                stack.append((child, target))
-    return result
 
 
 class TokenAutomaton:
@@ -385,22 +399,24 @@ def regex(
     live = _live_states(fsm)
     if fsm.initial not in live:
         raise ValueError(f"the regular expression {pattern!r} matches no text")
-    root, empty = _vocabulary(tokenizer)
-    index = {fsm.initial: 0}
-    order = [fsm.initial]
-    rows: list[dict[int, int]] = []
-    queue = deque([fsm.initial])
+    walker = _Walker(fsm, live, _vocabulary(tokenizer))
+    # Token-level states are the character states reached at token boundaries, numbered
+    # in breadth-first order from the start (state 0).
+    start = walker.index[fsm.initial]
+    number = np.full(walker.dead + 1, -1, np.int64)
+    number[start] = 0
+    order = [start]
+    rows: list[tuple[np.ndarray, np.ndarray]] = []  # (token ids, target states) per state
+    queue = deque([start])
     while queue:
-        state = queue.popleft()
-        row = {}
-        for token_id, target in _token_moves(fsm, live, root, empty, state).items():
-            if target not in index:
-                index[target] = len(order)
+        token_ids, targets = walker.moves(queue.popleft())
+        for target in np.unique(targets).tolist():
+            if number[target] < 0:
+                number[target] = len(order)
                 order.append(target)
                 queue.append(target)
-            row[token_id] = index[target]
-        rows.append(row)
-    accepting = np.asarray([state in fsm.finals for state in order], bool)
+        rows.append((token_ids, number[targets]))
+    accepting = np.asarray([walker.states[i] in fsm.finals for i in order], bool)
     distance = _distances(rows, accepting)
     if distance[0] == _UNREACHABLE:
         raise ValueError(f"no token sequence of this vocabulary spells a text matching {pattern!r}")
@@ -429,12 +445,13 @@ def regex(
     )
 
 
-def _column(row: dict[int, int], renumber: np.ndarray, vocab_size: int) -> np.ndarray:
+def _column(
+    row: tuple[np.ndarray, np.ndarray], renumber: np.ndarray, vocab_size: int
+) -> np.ndarray:
     """One state's moves as a ``[V]`` int32 array (−1: not allowed)."""
     column = np.full(vocab_size, -1, np.int32)
-    if row:
-        ids = np.fromiter(row.keys(), np.int64)
-        column[ids] = renumber[np.fromiter(row.values(), np.int64)]
+    token_ids, targets = row
+    column[token_ids] = renumber[targets]
     return column
 
 
@@ -456,11 +473,11 @@ def _short(pattern: str, limit: int = 60) -> str:
     return repr(pattern if len(pattern) <= limit else pattern[: limit - 3] + "...")
 
 
-def _distances(rows: list[dict[int, int]], accepting: np.ndarray) -> np.ndarray:
+def _distances(rows: list[tuple[np.ndarray, np.ndarray]], accepting: np.ndarray) -> np.ndarray:
     """Fewest tokens from each state to an accepting one (breadth first, backwards)."""
     reverse: list[set[int]] = [set() for _ in rows]
-    for state, row in enumerate(rows):
-        for target in set(row.values()):
+    for state, (_, targets) in enumerate(rows):
+        for target in np.unique(targets).tolist():
             reverse[target].add(state)
     distance = np.full(len(rows), _UNREACHABLE, np.int64)
     queue = deque(np.flatnonzero(accepting).tolist())
