@@ -225,6 +225,22 @@ def test_dead_state_allows_nothing():
     assert int(potential.update(jnp.asarray(0, jnp.int32), jnp.asarray(3), jnp.asarray(0))) == -1
 
 
+def test_nothing_allowed_gives_weight_zero_not_nan():
+    """A twist that zeroes every allowed token at t = 1: each row's mask·twist is all zero,
+    so every weight is 0 (log −inf), flagged by a warning; never NaN."""
+
+    def zero_at_one(inputs):
+        level = jnp.where(inputs.step == 1, -jnp.inf, 0.0)
+        return jnp.full((inputs.tokens.shape[0], LM.vocab_size), level, jnp.float32)
+
+    # No resampling: the zero weights reach the end (check_output flags the final weights).
+    sampler = lmppl.infer.TwistedSMC(PROGRAM, 4, twists={"s": zero_at_one}, ess_threshold=None)
+    with pytest.warns(RuntimeWarning, match="every particle has weight zero"):
+        result = sampler.run(jax.random.key(0))
+    assert np.isneginf(float(result.log_marginal))
+    assert np.all(np.isneginf(np.asarray(result.log_weights)))
+
+
 def test_json_schema_accepts_its_documents():
     quote, a, b, quote_a = 2, 3, 4, 5
     assert JSON_AUTOMATON.accepts([quote, a, quote])
