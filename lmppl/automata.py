@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_TABLE_BYTES = 1 << 29
-"""Largest dense transition table (bytes) :func:`regex` builds (512 MiB)."""
+"""Largest class transition table ``[S, C]`` (bytes) :func:`regex` builds (512 MiB)."""
 
 _UNREACHABLE = np.iinfo(np.int32).max
 
@@ -388,7 +388,7 @@ def regex(
         anchors: the whole text must match).
       tokenizer_or_model: an lmppl model (its vocabulary size is the table's width) or a
         tokenizer.
-      max_table_bytes: refuse a dense ``[S, V]`` int32 table larger than this.
+      max_table_bytes: refuse a class table ``[S, C]`` int32 larger than this.
 
     Raises:
       ValueError: the pattern does not compile, no token sequence matches it, or its
