@@ -12,6 +12,9 @@ functions here compute ``log φ`` from a sampled sequence. Kinds:
 * Per-step token constraints (:func:`step_factor`, :func:`banned_tokens`): factors
   ``Σ_t log m_t(s_<t, s_t)`` that SMC applies at every decoding step (the locally
   optimal proposal for them), while plain NumPyro sees an ordinary factor.
+* Regular languages (:func:`regex`, :func:`json_schema` build a token automaton once;
+  :func:`constrain` puts it in a program): ``σ ∝ p0 · 1[text(s) ∈ L]``, the automaton
+  state carried per particle by SMC (a stateful per-step potential).
 * An observed LM continuation (infilling) needs no helper: ``numpyro.sample("ending",
   lmppl.LM(lm, prompt=lmppl.concat(prompt, story), ...), obs=ending_ids)``.
 """
@@ -27,6 +30,7 @@ import numpy as np
 import numpyro
 from numpyro.distributions.distribution import Unit
 
+from lmppl.automata import TokenAutomaton, json_schema, regex
 from lmppl.decoding import trim_at_eos, valid_mask
 from lmppl.host_errors import remembered
 from lmppl.lm.base import Tokenizer
@@ -34,7 +38,10 @@ from lmppl.lm.base import Tokenizer
 __all__ = [
     "STEP_POTENTIAL_KEY",
     "banned_tokens",
+    "constrain",
+    "json_schema",
     "log_indicator",
+    "regex",
     "step_factor",
     "text",
     "text_classifier",
@@ -138,6 +145,58 @@ def text_classifier(
     return text(score, tokenizer, name=label)
 
 
+class _PrefixPotential:
+    """A stateless per-step potential ``log_potential(prefix, t)`` read as a stateful one."""
+
+    def __init__(self, log_potential: Callable[[jax.Array, jax.Array], jax.Array]):
+        self.log_potential = log_potential
+
+    def init(self) -> tuple:
+        return ()
+
+    def log_weights(self, state: Any, prefix: jax.Array, t: jax.Array) -> jax.Array:
+        return self.log_potential(prefix, t)
+
+    def update(self, state: Any, token: jax.Array, t: jax.Array) -> Any:
+        return state
+
+
+def _step_site(
+    name: str, sequence: jax.Array, potential: Any, eos_token_id: int | None
+) -> jax.Array:
+    """Record ``potential`` (a :class:`~lmppl.types.StatefulStepPotential`) as a factor site.
+
+    The factor is ``Σ_t log m_t(state_t, s_<t, s_t)`` over the positions up to the first
+    EOS, the state advanced token by token from ``potential.init()``.
+    """
+    original = sequence
+    sequence = jnp.asarray(sequence)
+    steps = sequence.shape[-1]
+    positions = jnp.arange(steps)
+
+    def total(row: jax.Array) -> jax.Array:
+        def at(state, t):
+            prefix = jnp.where(positions < t, row, 0)
+            value = potential.log_weights(state, prefix, t)[row[t]]
+            return potential.update(state, row[t], t), value
+
+        _, values = jax.lax.scan(at, potential.init(), positions)
+        return jnp.where(valid_mask(row, eos_token_id), values, 0.0).sum()
+
+    flat = sequence.reshape(-1, steps)
+    log_factor = jax.vmap(total)(flat).reshape(sequence.shape[:-1])
+    numpyro.sample(
+        name,
+        Unit(log_factor),
+        obs=jnp.empty(jnp.shape(log_factor) + (0,)),
+        infer={
+            "is_auxiliary": True,
+            STEP_POTENTIAL_KEY: (potential, eos_token_id, original),
+        },
+    )
+    return log_factor
+
+
 def step_factor(
     name: str,
     sequence: jax.Array,
@@ -157,30 +216,60 @@ def step_factor(
 
     Returns the total log-factor (also recorded as the site's value).
     """
-    original = sequence
-    sequence = jnp.asarray(sequence)
-    steps = sequence.shape[-1]
+    return _step_site(name, sequence, _PrefixPotential(log_potential), eos_token_id)
 
-    def total(row: jax.Array) -> jax.Array:
-        def at(t):
-            prefix = jnp.where(jnp.arange(steps) < t, row, 0)
-            return log_potential(prefix, t)[row[t]]
 
-        values = jax.vmap(at)(jnp.arange(steps))
-        return jnp.where(valid_mask(row, eos_token_id), values, 0.0).sum()
+_AUTOMATON_EOS = object()
 
-    flat = sequence.reshape(-1, steps)
-    log_factor = jax.vmap(total)(flat).reshape(sequence.shape[:-1])
-    numpyro.sample(
-        name,
-        Unit(log_factor),
-        obs=jnp.empty(jnp.shape(log_factor) + (0,)),
-        infer={
-            "is_auxiliary": True,
-            STEP_POTENTIAL_KEY: (log_potential, eos_token_id, original),
-        },
-    )
-    return log_factor
+
+def constrain(
+    name: str,
+    sequence: jax.Array,
+    constraint: Any,
+    *,
+    eos_token_id: Any = _AUTOMATON_EOS,
+) -> jax.Array:
+    """Constrain ``sequence`` to a language: the factor ``log 1[text(s) ∈ L]``, per step.
+
+    ``constraint`` is a :class:`~lmppl.automata.TokenAutomaton` (from :func:`regex` or
+    :func:`json_schema`, built once outside the program) or any
+    :class:`~lmppl.types.StatefulStepPotential`. The target becomes
+    ``σ(s) ∝ p0(s) · 1[text(s) ∈ L] · (other factors)``, ``text(s)`` the text before the
+    first EOS (all T tokens without one), so the log Z of the bare constraint is the
+    log-probability that p0's text (stopped at EOS or after ``max_new_tokens``) is in L.
+
+    SMC carries each particle's automaton state (gathered on resampling), multiplies the
+    proposal by the allowed-token mask at every step (the locally optimal proposal for the
+    constraint, increment ``log Σ_{v allowed} p0(v | s_<t)``), allows EOS only in
+    accepting states and only tokens from which acceptance stays reachable within the
+    remaining steps. ``Exact`` and plain NumPyro see the indicator of the whole sequence.
+
+    Args:
+      name: the site's name.
+      sequence: the LM site's value ``[T]``.
+      constraint: the automaton (or stateful potential).
+      eos_token_id: the LM site's EOS (default: the automaton's tokenizer EOS; pass None
+        for a site with ``stop_at_eos=False``).
+
+    Raises:
+      ValueError: no text of the language fits in ``T`` tokens.
+    """
+    steps = jnp.shape(sequence)[-1]
+    if isinstance(constraint, TokenAutomaton):
+        if eos_token_id is _AUTOMATON_EOS:
+            eos_token_id = constraint.eos_token_id
+        needed = int(constraint.distance[0])
+        if needed > steps:
+            raise ValueError(
+                f"constraint '{name}': the shortest token sequence matching "
+                f"{constraint.pattern!r} has {needed} tokens; the sequence has {steps}"
+            )
+        potential = constraint.bind(steps, eos_token_id)
+    else:
+        if eos_token_id is _AUTOMATON_EOS:
+            eos_token_id = None
+        potential = constraint
+    return _step_site(name, sequence, potential, eos_token_id)
 
 
 def banned_tokens(

@@ -15,6 +15,10 @@ on tiny inputs). Shapes: N particles (or rows), T new tokens, V vocabulary entri
 * :class:`TwistLossFunction` — ``loss(samples) -> (scalar, metrics)`` of twist learning.
 * :class:`StepPotentialFunction` — ``log_potential(prefix [T], t) -> [V]`` of a per-step
   factor (:func:`lmppl.potentials.step_factor`).
+* :class:`StatefulStepPotential` — a per-step factor with a state carried per particle
+  (``init``, ``log_weights(state, prefix, t) -> [V]``, ``update(state, token, t)``): the
+  form SMC runs every per-step potential in; a constraint's automaton
+  (:func:`lmppl.potentials.constrain`) is one.
 * :class:`Resampler` — ``resampler(rng_key, log_weights [N], num_samples) -> [num_samples]``
   ancestor indices (:mod:`lmppl.infer.resampling`).
 """
@@ -29,6 +33,7 @@ __all__ = [
     "LanguageModelLike",
     "ParametricTwist",
     "Resampler",
+    "StatefulStepPotential",
     "StepPotentialFunction",
     "TwistFunction",
     "TwistLossFunction",
@@ -104,6 +109,27 @@ class StepPotentialFunction(Protocol):
     """``[V]`` log m_t(s_<t, v) of every candidate token; reads only ``prefix[:t]``."""
 
     def __call__(self, prefix: jax.Array, t: jax.Array) -> jax.Array: ...
+
+
+@runtime_checkable
+class StatefulStepPotential(Protocol):
+    """A per-step factor ``Π_t m_t(state_t, s_<t, s_t)`` whose state summarises the prefix.
+
+    One sequence's view (SMC vmaps it over particles and gathers the state on
+    resampling); the state is a pytree of arrays of fixed shape.
+    """
+
+    def init(self) -> Any:
+        """The state before the first token."""
+        ...
+
+    def log_weights(self, state: Any, prefix: jax.Array, t: jax.Array) -> jax.Array:
+        """``[V]`` log m_t of every candidate token (``prefix [T]``: read ``[:t]`` only)."""
+        ...
+
+    def update(self, state: Any, token: jax.Array, t: jax.Array) -> Any:
+        """The state after token ``t`` is ``token``."""
+        ...
 
 
 @runtime_checkable

@@ -20,7 +20,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "ratio_heading"),
-    [("decode.py", "ratio lmppl/torch"), ("smc.py", "SMC / generate")],
+    [
+        ("decode.py", "ratio lmppl/torch"),
+        ("smc.py", "SMC / generate"),
+        ("constraints.py", "constrained ms/token"),
+    ],
 )
 def test_benchmark_runs_quick(script: str, ratio_heading: str):
     completed = subprocess.run(

@@ -159,6 +159,8 @@ class SMC:
         ``1.0`` resamples at every step (the paper's setting); ``None`` never.
       mesh: a ``jax.sharding.Mesh`` whose first axis shards the particle axis (several
         devices); N must be divisible by that axis' size.
+      resample_every: block-level steps: consider resampling only every k tokens (before
+        steps k, 2k, ...); the weights stay exact (see :mod:`lmppl.infer.kernel`).
     """
 
     name = "SMC"
@@ -171,6 +173,7 @@ class SMC:
         resampling: Any = "multinomial",
         ess_threshold: float | None = 0.5,
         mesh: Any = None,
+        resample_every: int = 1,
     ):
         if not callable(program):
             raise TypeError(
@@ -183,6 +186,11 @@ class SMC:
         self.resampling = resampling
         self.ess_threshold = ess_threshold
         self.mesh = mesh
+        if isinstance(resample_every, bool) or not isinstance(resample_every, int | np.integer):
+            raise ValueError(f"resample_every must be a positive integer, got {resample_every!r}")
+        if resample_every < 1:
+            raise ValueError(f"resample_every must be a positive integer, got {resample_every}")
+        self.resample_every = int(resample_every)
         self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
 
     # Subclasses choose the twist (and what it is conditioned on).
@@ -219,6 +227,7 @@ class SMC:
             ess_threshold=self.ess_threshold,
             particle_sharding=self._sharding(),
             conditional=conditional,
+            resample_every=self.resample_every,
         )
 
     def compile(self, *args, conditional: bool = False, **kwargs) -> CompiledProgram:
@@ -337,8 +346,8 @@ class TwistedSMC(SMC):
       twists: ``{lm_site_name: twist}`` with a twist as in :mod:`lmppl.infer.twist`
         (a callable, or an object with ``params`` and ``apply``). An untrained twist
         (log ψ ≡ 0) makes this bootstrap SMC.
-      resampling, ess_threshold, mesh: as :class:`SMC` (default: resample every step,
-        as in the paper).
+      resampling, ess_threshold, mesh, resample_every: as :class:`SMC` (default: resample
+        every step, as in the paper).
       twist_condition: ``f(*args, **kwargs) -> pytree`` computed from the program's
         arguments and handed to the twist as ``TwistInputs.condition`` (e.g. the observed
         continuation of an infilling program, for a conditional twist).
@@ -356,6 +365,7 @@ class TwistedSMC(SMC):
         ess_threshold: float | None = 1.0,
         mesh: Any = None,
         twist_condition: Callable[..., Any] | None = None,
+        resample_every: int = 1,
     ):
         super().__init__(
             program,
@@ -363,6 +373,7 @@ class TwistedSMC(SMC):
             resampling=resampling,
             ess_threshold=ess_threshold,
             mesh=mesh,
+            resample_every=resample_every,
         )
         if not isinstance(twists, dict) or not twists:
             raise ValueError("twists must be a dict {lm_site_name: twist}")

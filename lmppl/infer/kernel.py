@@ -14,12 +14,20 @@ As a Feynman–Kac model (one step of the kernel per token, :func:`build_kernel`
         q_t(v) ∝ p0(v | s_<t) · m_t(s_<t, v; z^i) · ψ_t(s_<t, v)        # propose
         s_t^i ~ q_t                                     # (conditional: s_t^0 = reference_t)
         log W^i += log Σ_v p0 m_t ψ_t − log ψ_{t−1}(s_<t^i)             # G_t, token-free
-        feed s_t^i to the LM cache
+        feed s_t^i to the LM cache ; advance the step potentials' states (automata) with s_t^i
     finalize:  log W^i += log φ(s^i, z^i) − log ψ_T(s^i) ;  log Ẑ += log mean_i W^i
 
+Per-step potentials m_t may carry a state per particle (``ParticleState.step_states``,
+e.g. a constraint's automaton state, see :func:`lmppl.potentials.constrain`): it is
+gathered with the particle on resampling and advanced with each sampled token.
+
 The ESS rule is ``ess_threshold`` (``None``: never resample, importance sampling;
-``>= 1``: every step). Rows that emitted EOS are padded with EOS and carry weight 1 (and
-their twist value) from then on. A model that is not ``locally_normalised`` (see
+``>= 1``: every step). Block-level steps: with ``resample_every = k`` the rule is only
+consulted at the block boundaries t = k, 2k, ...; inside a block every token is still
+proposed and weighted as above (so step potentials keep masking each token), and the
+weights accumulate over the block, so Ẑ stays unbiased and the final weights exact.
+Rows that emitted EOS are padded with EOS and carry weight 1 (and their twist value) from
+then on. A model that is not ``locally_normalised`` (see
 :mod:`lmppl.decoding`) has ``p̃0(s) = Π_t exp m_t(s_t)``: the same formulas hold with
 ``p0(v | s_<t)`` read as ``exp m_t(v)`` (e.g. global DeRa targets
 ``π_ref^(1−λ) π_aligned^λ φ`` exactly).
@@ -48,7 +56,7 @@ from lmppl.infer.program import (
     ProgramStructure,
     run_prefix,
     run_suffix,
-    step_potential_log_weights,
+    step_potential_functions,
 )
 from lmppl.infer.proposal import propose
 from lmppl.infer.resampling import effective_sample_size, get_resampler, multinomial
@@ -83,6 +91,8 @@ class SweepOptions:
         through every step and keeps its own ancestry, only the other N − 1 particles are
         resampled (multinomial resampling only). With the reference an exact sample of σ,
         ``E[log Ẑ] >= log Z`` (the upper half of the bidirectional bounds).
+      resample_every: block size k: resampling is considered only before steps
+        t = k, 2k, ... (block-level steps; 1: before every step).
     """
 
     num_particles: int
@@ -90,6 +100,7 @@ class SweepOptions:
     ess_threshold: float | None = 0.5
     particle_sharding: Any = None
     conditional: bool = False
+    resample_every: int = 1
 
 
 class BoundProgram(NamedTuple):
@@ -111,6 +122,8 @@ class ParticleState(NamedTuple):
       log_weights: ``[N]`` log-weights of the current resampling epoch.
       log_psi: ``[N]`` log ψ of each particle's current prefix (0 without a twist).
       prefix_values: ``{site: [N, ...]}`` latent sites sampled before the LM site.
+      step_states: one state pytree per per-step potential (leaves ``[N, ...]``; ``()``
+        for a stateless one), e.g. each particle's automaton state of a constraint.
       log_marginal: ``[]`` Σ of log mean weights over closed resampling epochs.
       prompt_tokens: ``[P]`` the LM site's prompt (right-padded), shared by all particles.
       prompt_length: ``[]`` int32 its real length.
@@ -120,6 +133,7 @@ class ParticleState(NamedTuple):
     log_weights: jax.Array
     log_psi: jax.Array
     prefix_values: dict
+    step_states: tuple
     log_marginal: jax.Array
     prompt_tokens: jax.Array
     prompt_length: jax.Array
@@ -215,6 +229,9 @@ def _lm_params(structure: ProgramStructure, model_params: ModelParams) -> Any:
 
 def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
     """Refuse settings the kernel cannot run exactly (one-line :class:`ProgramError`)."""
+    every = options.resample_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ProgramError(f"resample_every must be a positive integer, got {every!r}")
     if not options.conditional:
         return
     if structure.prefix_sites:
@@ -253,6 +270,15 @@ def init(
         model_params,
         jax.random.split(rng_key, num_particles),
     )
+    step_functions = step_potential_functions(
+        structure, target.program, target.args, target.kwargs, model_params
+    )
+    step_states: tuple = ()
+    if step_functions is not None:
+        # The particle index gives vmap its axis when there are no prefix values.
+        step_states = jax.vmap(lambda values, _: step_functions.init(values))(
+            prefix_values, jnp.arange(num_particles)
+        )
     decode = prefill(
         site.model,
         _lm_params(structure, model_params),
@@ -266,6 +292,7 @@ def init(
         log_weights=jnp.zeros((num_particles,), jnp.float32),
         log_psi=jnp.zeros((num_particles,), jnp.float32),
         prefix_values=prefix_values,
+        step_states=step_states,
         log_marginal=jnp.zeros((), jnp.float32),
         prompt_tokens=prompt_tokens,
         prompt_length=prompt_length,
@@ -280,6 +307,7 @@ def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
         log_weights=jnp.zeros_like(state.log_weights),
         log_psi=gather(state.log_psi),
         prefix_values=gather(state.prefix_values),
+        step_states=gather(state.step_states),
         log_marginal=state.log_marginal + _log_mean_exp(state.log_weights),
     )
 
@@ -314,11 +342,12 @@ def build_kernel(
     resampler = get_resampler(options.resampling)
     threshold = options.ess_threshold
     normalised = model.locally_normalised
-    step_log_weights = step_potential_log_weights(
+    step_functions = step_potential_functions(
         structure, target.program, target.args, target.kwargs, model_params
     )
-    if step_log_weights is not None:
-        step_log_weights = jax.vmap(step_log_weights, in_axes=(0, 0, None))
+    if step_functions is not None:
+        step_log_weights = jax.vmap(step_functions.log_weights, in_axes=(0, 0, 0, None))
+        step_update = jax.vmap(step_functions.update, in_axes=(0, 0, 0, None))
 
     def resample_branch(state: ParticleState, rng_key):
         ancestors = resampler(rng_key, state.log_weights, num)
@@ -336,15 +365,18 @@ def build_kernel(
             resampled = jnp.zeros((), bool)
             ancestors = jnp.arange(num, dtype=jnp.int32)
         else:
-            resampled = (t > 0) & ((threshold >= 1.0) | (ess < threshold * num))
+            boundary = (t > 0) & (t % options.resample_every == 0)
+            resampled = boundary & ((threshold >= 1.0) | (ess < threshold * num))
             state, ancestors = jax.lax.cond(
                 resampled, resample_branch, keep_branch, state, resample_key
             )
 
         log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
         potentials: tuple[jax.Array, ...] = ()
-        if step_log_weights is not None:
-            potentials = step_log_weights(state.prefix_values, state.decode.tokens, t)
+        if step_functions is not None:
+            potentials = step_log_weights(
+                state.prefix_values, state.step_states, state.decode.tokens, t
+            )
         log_psi_next = None
         twist_scale = jnp.zeros((), jnp.float32)
         if twist_apply is not None:
@@ -373,10 +405,22 @@ def build_kernel(
         if eos is not None:
             increment = jnp.where(state.decode.done, 0.0, increment)
             new_log_psi = jnp.where(state.decode.done, state.log_psi, new_log_psi)
+        new_step_states = state.step_states
+        if step_functions is not None:
+            new_step_states = step_update(state.prefix_values, state.step_states, token, t)
+            if eos is not None:  # rows already ended keep their states (EOS padding)
+                new_step_states = jax.tree.map(
+                    lambda new, old: jnp.where(
+                        state.decode.done.reshape((-1,) + (1,) * (new.ndim - 1)), old, new
+                    ),
+                    new_step_states,
+                    state.step_states,
+                )
         new_state = state._replace(
             decode=advance(model, lm_params, state.decode, token, eos),
             log_weights=state.log_weights + increment,
             log_psi=new_log_psi,
+            step_states=new_step_states,
         )
         new_state = _constrain(new_state, options.particle_sharding, num)
         info = StepInfo(ess, resampled, ancestors, new_state.log_weights, twist_scale)

@@ -13,17 +13,18 @@ A program is run through NumPyro's effect handlers (never parsed):
    returns ``log φ(s)``: the sum of the log-probabilities of every observed site and factor
    other than s (per-step potentials excluded when SMC already applied them), with the
    value of each site kept for NaN reports and with the values of later latent sites.
-4. :func:`step_potential_log_weights` runs one particle's program up to its last per-step
+4. :func:`step_potential_functions` runs one particle's program up to its last per-step
    potential, with that particle's prefix values substituted, and evaluates each
-   potential ``log m_t(s_<t, ·)`` (a potential may read the latent sites sampled before
-   the LM site: each particle sees its own values).
+   potential (a :class:`~lmppl.types.StatefulStepPotential`): its initial state, its
+   ``log m_t(state, s_<t, ·)`` and its state after a token (a potential may read the
+   latent sites sampled before the LM site: each particle sees its own values).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,11 @@ __all__ = [
     "ProgramError",
     "ProgramStructure",
     "StepPotential",
+    "StepPotentialFunctions",
     "discover",
     "run_prefix",
     "run_suffix",
-    "step_potential_log_weights",
+    "step_potential_functions",
 ]
 
 
@@ -65,8 +67,8 @@ class LMSite:
 
 @dataclasses.dataclass(frozen=True)
 class StepPotential:
-    """A per-step potential site (its function ``log_potential(prefix [T], t) -> [V]`` is
-    read per particle by :func:`step_potential_log_weights`)."""
+    """A per-step potential site (its :class:`~lmppl.types.StatefulStepPotential` is read
+    per particle by :func:`step_potential_functions`)."""
 
     name: str
     eos_token_id: int | None
@@ -384,28 +386,44 @@ class _StopAfter(Messenger):
             raise _Stop
 
 
-def step_potential_log_weights(
+class StepPotentialFunctions(NamedTuple):
+    """One particle's per-step potentials, all of them at once (map over particles with vmap).
+
+    ``states`` is a tuple with one state pytree per potential (``()`` for a stateless one).
+
+    Fields:
+      init: ``init(prefix_values) -> states``, before the first token.
+      log_weights: ``log_weights(prefix_values, states, prefix [T], t) -> ([V], ...)``, each
+        potential's ``log m_t`` of every candidate token.
+      update: ``update(prefix_values, states, token [], t) -> states``, after token t.
+    """
+
+    init: Callable[[dict[str, jax.Array]], tuple]
+    log_weights: Callable[[dict[str, jax.Array], tuple, jax.Array, jax.Array], tuple]
+    update: Callable[[dict[str, jax.Array], tuple, jax.Array, jax.Array], tuple]
+
+
+def step_potential_functions(
     structure: ProgramStructure,
     program: Callable,
     args: tuple,
     kwargs: dict,
     model_params: ModelParams,
-) -> Callable[[dict[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, ...]] | None:
-    """``log_weights(prefix_values, prefix, t) -> ([V], ...)``: one particle's ``log m_t^k``.
+) -> StepPotentialFunctions | None:
+    """The per-step potentials of one particle, read from its program.
 
-    The program is run with the particle's prefix values substituted and a placeholder for
-    the LM site, up to its last per-step potential (so no later site runs, and no random
-    key is needed: :func:`discover` refused latent sites between the LM site and a
-    per-step potential); each potential's function, collected in this trace, is evaluated
-    at ``(prefix [T], t)``. Map it over particles with ``jax.vmap``. Returns None when the
-    program has no per-step potential.
+    Each function runs the program with the particle's prefix values substituted and a
+    placeholder for the LM site, up to its last per-step potential (so no later site runs,
+    and no random key is needed: :func:`discover` refused latent sites between the LM site
+    and a per-step potential), and calls the potentials collected in that trace. Returns
+    None when the program has no per-step potential.
     """
     if not structure.step_potentials:
         return None
     swapped = _with_params(program, structure, model_params)
     last = structure.step_potentials[-1].name
 
-    def log_weights(prefix_values, prefix, t):
+    def potentials(prefix_values) -> tuple:
         marker = _FirstLatentLM(handlers.substitute(swapped, data=prefix_values))
         with handlers.trace() as trace:
             try:
@@ -413,8 +431,22 @@ def step_potential_log_weights(
             except _Stop:
                 pass
         return tuple(
-            trace[s.name]["infer"][STEP_POTENTIAL_KEY][0](prefix, t)
-            for s in structure.step_potentials
+            trace[s.name]["infer"][STEP_POTENTIAL_KEY][0] for s in structure.step_potentials
         )
 
-    return log_weights
+    def init(prefix_values):
+        return tuple(potential.init() for potential in potentials(prefix_values))
+
+    def log_weights(prefix_values, states, prefix, t):
+        return tuple(
+            potential.log_weights(state, prefix, t)
+            for potential, state in zip(potentials(prefix_values), states, strict=True)
+        )
+
+    def update(prefix_values, states, token, t):
+        return tuple(
+            potential.update(state, token, t)
+            for potential, state in zip(potentials(prefix_values), states, strict=True)
+        )
+
+    return StepPotentialFunctions(init, log_weights, update)

@@ -108,7 +108,26 @@ def test_step_potentials_conform():
         lmppl.potentials.banned_tokens("no_b", s, [3], TABLE.vocab_size)
 
     trace = handlers.trace(handlers.seed(program, jax.random.key(0))).get_trace()
-    log_potential = trace["no_b"]["infer"][STEP_POTENTIAL_KEY][0]
-    assert isinstance(log_potential, types.StepPotentialFunction)
-    values = log_potential(jnp.zeros((3,), jnp.int32), jnp.asarray(0))
+    potential = trace["no_b"]["infer"][STEP_POTENTIAL_KEY][0]
+    assert isinstance(potential, types.StatefulStepPotential)
+    assert isinstance(potential.log_potential, types.StepPotentialFunction)
+    state = potential.init()
+    values = potential.log_weights(state, jnp.zeros((3,), jnp.int32), jnp.asarray(0))
     assert values.shape == (TABLE.vocab_size,) and np.isneginf(np.asarray(values)[3])
+
+
+def test_constraints_conform():
+    automaton = lmppl.potentials.regex("a(b|c)*", TABLE)
+
+    def program():
+        s = numpyro.sample("s", lmppl.LM(TABLE, "a", 3))
+        lmppl.potentials.constrain("abc", s, automaton)
+
+    trace = handlers.trace(handlers.seed(program, jax.random.key(0))).get_trace()
+    potential = trace["abc"]["infer"][STEP_POTENTIAL_KEY][0]
+    assert isinstance(potential, types.StatefulStepPotential)
+    state = potential.init()
+    values = np.asarray(potential.log_weights(state, jnp.zeros((3,), jnp.int32), jnp.asarray(0)))
+    assert values.shape == (TABLE.vocab_size,)
+    assert np.flatnonzero(np.isfinite(values)).tolist() == [2]  # only "a" starts a match
+    assert int(potential.update(state, jnp.asarray(2), jnp.asarray(0))) >= 0
