@@ -330,7 +330,9 @@ def build_kernel(
       twist_apply: ``twist_apply(twist_params, TwistInputs) -> [N, V]`` log ψ_t, or None.
       twist_params: the twist's parameters.
       condition: handed to the twist as ``TwistInputs.condition``.
-      reference: ``[T]`` the clamped sequence of a conditional sweep (None otherwise).
+      reference: ``[T]`` the clamped sequence of a conditional sweep (None otherwise). A
+        reference of −1 everywhere clamps nothing: the run is then an ordinary SMC run of
+        the same compiled sweep (lower and upper bounds share one compilation).
     """
     structure = target.structure
     check_options(structure, options)
@@ -349,13 +351,18 @@ def build_kernel(
         step_log_weights = jax.vmap(step_functions.log_weights, in_axes=(0, 0, 0, None))
         step_update = jax.vmap(step_functions.update, in_axes=(0, 0, 0, None))
 
-    def resample_branch(state: ParticleState, rng_key):
+    def clamps(t: jax.Array) -> jax.Array:
+        """Whether particle 0 is clamped at step ``t`` (a reference of −1s clamps nothing)."""
+        assert reference is not None, "a conditional sweep needs its reference [T]"
+        return reference[t] >= 0
+
+    def resample_branch(state: ParticleState, rng_key, t):
         ancestors = resampler(rng_key, state.log_weights, num)
         if options.conditional:
-            ancestors = ancestors.at[0].set(0)
+            ancestors = ancestors.at[0].set(jnp.where(clamps(t), 0, ancestors[0]))
         return _resample(state, ancestors), ancestors
 
-    def keep_branch(state: ParticleState, rng_key):
+    def keep_branch(state: ParticleState, rng_key, t):
         return state, jnp.arange(num, dtype=jnp.int32)
 
     def step(rng_key: jax.Array, state: ParticleState, t: jax.Array):
@@ -368,7 +375,7 @@ def build_kernel(
             boundary = (t > 0) & (t % options.resample_every == 0)
             resampled = boundary & ((threshold >= 1.0) | (ess < threshold * num))
             state, ancestors = jax.lax.cond(
-                resampled, resample_branch, keep_branch, state, resample_key
+                resampled, resample_branch, keep_branch, state, resample_key, t
             )
 
         log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
@@ -396,7 +403,7 @@ def build_kernel(
         token = sample_categorical(sample_key, log_q)
         if options.conditional:
             assert reference is not None, "a conditional sweep needs its reference [T]"
-            token = token.at[0].set(reference[t])
+            token = token.at[0].set(jnp.where(reference[t] >= 0, reference[t], token[0]))
         new_log_psi = (
             jnp.take_along_axis(log_psi_next, token[:, None], axis=1)[:, 0]
             if log_psi_next is not None
