@@ -148,6 +148,49 @@ def check_output(output: SweepOutput, backend: str, *, conditional: bool = False
         )
 
 
+class _JittedSweep:
+    """A :class:`~lmppl.infer.sweep.Sweep` jitted as its two halves, ``advance`` and
+    ``finish``, called one after the other: ``(rng_key, model_params, twist_params, arrays,
+    reference) -> SweepOutput``. Jitted apart, the heavy half has no host callback and can
+    be stored in JAX's persistent compilation cache (see :class:`~lmppl.infer.sweep.Sweep`).
+    """
+
+    def __init__(self, sweep: Any, rebuild: Callable):
+        self.sweep = sweep
+        self.rebuild = rebuild
+        self.advance = jax.jit(self._advance)
+        self.finish = jax.jit(self._finish)
+
+    def _advance(self, rng_key, model_params, twist_params, arrays, reference):
+        call_args, call_kwargs = self.rebuild(arrays)
+        return self.sweep.advance(
+            rng_key, model_params, twist_params, call_args, call_kwargs, reference
+        )
+
+    def _finish(self, suffix_key, model_params, arrays, particles, info):
+        call_args, call_kwargs = self.rebuild(arrays)
+        return self.sweep.finish(suffix_key, model_params, call_args, call_kwargs, particles, info)
+
+    def __call__(self, rng_key, model_params, twist_params, arrays, reference):
+        suffix_key, particles, info = self.advance(
+            rng_key, model_params, twist_params, arrays, reference
+        )
+        return self.finish(suffix_key, model_params, arrays, particles, info)
+
+    def vmapped(self, reference_axis: int | None) -> Callable:
+        """The same two halves vmapped over runs (keys and, if batched, references)."""
+        advance = jax.jit(jax.vmap(self._advance, in_axes=(0, None, None, None, reference_axis)))
+        finish = jax.jit(jax.vmap(self._finish, in_axes=(0, None, None, 0, 0)))
+
+        def runs(keys, model_params, twist_params, arrays, references):
+            suffix_keys, particles, info = advance(
+                keys, model_params, twist_params, arrays, references
+            )
+            return finish(suffix_keys, model_params, arrays, particles, info)
+
+        return runs
+
+
 class SMC:
     """Sequential Monte Carlo over the program's latent LM site.
 
@@ -254,11 +297,7 @@ class SMC:
                 self.twist_condition if twist is not None else None,
             )
 
-            def run_sweep(rng_key, model_params, twist_params, arrays, reference):
-                call_args, call_kwargs = rebuild(arrays)
-                return sweep(rng_key, model_params, twist_params, call_args, call_kwargs, reference)
-
-            entry = (structure, jax.jit(run_sweep))
+            entry = (structure, _JittedSweep(sweep, rebuild))
             self._compiled[(static_key, conditional)] = entry
         structure, jitted = entry
         twist = self._twist_for(structure)
@@ -304,8 +343,8 @@ class SMC:
         references)``, ``references`` ``[R, T]`` batched for a conditional sweep, else None."""
         entry = self._batched.get(compiled.sweep)
         if entry is None:
-            axes = (0, None, None, None, 0 if conditional else None)
-            entry = jax.jit(jax.vmap(compiled.sweep, in_axes=axes))
+            assert isinstance(compiled.sweep, _JittedSweep)
+            entry = compiled.sweep.vmapped(reference_axis=0 if conditional else None)
             self._batched[compiled.sweep] = entry
         return entry
 

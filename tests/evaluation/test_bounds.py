@@ -178,4 +178,4 @@ def test_lower_and_upper_runs_share_one_compilation_per_k():
     finally:
         monitoring.unregister_event_duration_listener(listen)
         jax.config.update("jax_enable_compilation_cache", persistent)
-    assert sum("run_sweep" in name for name in compiled) == 3
+    assert sum("_advance" in name for name in compiled) == 3
