@@ -48,7 +48,14 @@ class HFTokenizer:
         """Load with ``transformers.AutoTokenizer`` from a local folder (no network)."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as error:  # transformers raises many kinds, often over many lines
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"{folder}: transformers cannot load this tokenizer "
+                f"({type(error).__name__}: {reason[:200]})"
+            ) from None
         return cls(tokenizer, name=str(folder))
 
     @property

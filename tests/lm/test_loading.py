@@ -290,3 +290,11 @@ def test_tokenizer_larger_than_the_model_is_refused(get_twin, tmp_path):
     with pytest.raises(ValueError, match="tokenizer of 80 tokens for a model of 61") as error:
         lmppl.load(str(tmp_path))
     one_line(error)
+
+
+def test_unreadable_tokenizer_is_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="transformers cannot load this tokenizer") as error:
+        HFTokenizer.from_folder(tmp_path)
+    assert str(tmp_path) in one_line(error)
