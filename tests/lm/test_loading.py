@@ -104,12 +104,12 @@ def test_bfloat16_checkpoint_kept_in_bfloat16_with_float32_logits(bfloat16_folde
     assert {leaf.dtype for leaf in jax.tree.leaves(lm16.params)} == {jnp.dtype(jnp.bfloat16)}
     assert {leaf.dtype for leaf in jax.tree.leaves(lm32.params)} == {jnp.dtype(jnp.float32)}
     # The stored bfloat16 values are kept as they are (and widened exactly for float32).
-    embedding = next(
-        name for name in stored if name.endswith(("embed_tokens.weight", "wte.weight"))
-    )
-    table16 = lm16.network().embed_tokens if hasattr(lm16.network(), "embed_tokens") else None
-    table16 = table16 if table16 is not None else lm16.network().wte
-    np.testing.assert_array_equal(np.asarray(table16.table[...], np.float32), stored[embedding])
+    network = lm16.network()
+    embedding = getattr(network, "embed_tokens", None) or network.wte
+    stored_name = next(n for n in stored if n.endswith(("embed_tokens.weight", "wte.weight")))
+    np.testing.assert_array_equal(np.asarray(embedding.table[...], np.float32), stored[stored_name])
+    widened = jax.tree.map(lambda leaf: np.asarray(leaf, np.float32), lm16.params)
+    assert jax.tree.all(jax.tree.map(np.array_equal, widened, lm32.params))
 
     tokens = random_tokens(1, (4, 12), lm16.vocab_size)
     with jax.numpy_dtype_promotion("strict"):  # no silent bfloat16 -> float32 upcasts
