@@ -83,18 +83,28 @@ def test_sharded_folder_loads_exactly_as_the_single_file(get_twin, tmp_path):
 # ----------------------------------------------------------------------------- bfloat16
 
 
+_BFLOAT16_FOLDERS: dict = {}
+
+
+def bfloat16_checkpoint(case: str, tmp_path_factory):
+    """A twin saved as a bfloat16 checkpoint (as most hub checkpoints are), once per case;
+    returns the folder and the stored tensors widened to float32."""
+    if case not in _BFLOAT16_FOLDERS:
+        import torch
+
+        from tests.fixtures import make_twin
+
+        folder = tmp_path_factory.mktemp(f"bf16_{case}")
+        model = copy.deepcopy(make_twin(case).torch_model).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        tensors = {name: t.float().numpy() for name, t in model.state_dict().items()}
+        _BFLOAT16_FOLDERS[case] = (folder, tensors)
+    return _BFLOAT16_FOLDERS[case]
+
+
 @pytest.fixture(scope="module", params=["llama_gqa_untied", "gpt2"])
 def bfloat16_folder(request, tmp_path_factory):
-    """A twin saved as a bfloat16 checkpoint (as most hub checkpoints are)."""
-    import torch
-
-    from tests.fixtures import make_twin
-
-    folder = tmp_path_factory.mktemp(f"bf16_{request.param}")
-    model = copy.deepcopy(make_twin(request.param).torch_model).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tensors = {name: t.float().numpy() for name, t in model.state_dict().items()}
-    return folder, tensors
+    return bfloat16_checkpoint(request.param, tmp_path_factory)
 
 
 def test_bfloat16_checkpoint_kept_in_bfloat16_with_float32_logits(bfloat16_folder):
@@ -123,7 +133,7 @@ def test_bfloat16_checkpoint_kept_in_bfloat16_with_float32_logits(bfloat16_folde
     assert difference > 0  # the bfloat16 model really computes in bfloat16
 
 
-def test_bfloat16_model_decodes_and_runs_smc(bfloat16_folder):
+def test_bfloat16_model_decodes_through_the_cache(bfloat16_folder):
     folder, _ = bfloat16_folder
     lm16 = lmppl.load(str(folder), dtype="bfloat16")
     tokens = random_tokens(2, (2, 8), lm16.vocab_size)
@@ -139,6 +149,10 @@ def test_bfloat16_model_decodes_and_runs_smc(bfloat16_folder):
     bound = BFLOAT16_ROUNDINGS * BFLOAT16_UNIT_ROUNDOFF * np.abs(full).max()
     assert np.abs(np.concatenate(stepped, axis=1) - full).max() <= bound
 
+
+def test_bfloat16_model_runs_smc(tmp_path_factory):
+    folder, _ = bfloat16_checkpoint("llama_gqa_untied", tmp_path_factory)
+    lm16 = lmppl.load(str(folder), dtype=jnp.bfloat16)
     prompt = [1, 5, 9]
 
     def program():
