@@ -15,6 +15,7 @@ program. Compiled sweeps are cached per (program structure, static arguments).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -146,6 +147,31 @@ def check_output(output: SweepOutput, backend: str, *, conditional: bool = False
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+MEMORY_BUDGET_BYTES = 4 * 1024**3
+"""Default budget for the runs vmapped in one call (``LMPPL_MEMORY_BUDGET`` in bytes
+overrides it)."""
+
+
+def run_bytes(structure: ProgramStructure, num_particles: int) -> int:
+    """Estimated memory of one run of ``num_particles``: its KV cache (``N`` rows of the
+    prompt plus ``T`` positions), a gathered copy of it while resampling, and a handful of
+    ``[N, V]`` float32 arrays (logits, log p0, the proposal, the twist):
+    ``2 · cache + 8 · N · V · 4`` bytes, an estimate that errs on the large side."""
+    site = structure.lm_site
+    model = site.model
+    length = min(model.context_length, site.prompt_width + site.max_new_tokens)
+    cache = jax.eval_shape(lambda: model.init_cache(1, length))
+    row_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    return num_particles * (2 * row_bytes + 8 * model.vocab_size * 4)
+
+
+def runs_per_call(structure: ProgramStructure, num_particles: int) -> int:
+    """How many vmapped runs fit the memory budget (``LMPPL_MEMORY_BUDGET`` bytes, default
+    :data:`MEMORY_BUDGET_BYTES`) in one call, by :func:`run_bytes`; at least one."""
+    budget = int(os.environ.get("LMPPL_MEMORY_BUDGET", MEMORY_BUDGET_BYTES))
+    return max(1, budget // max(run_bytes(structure, num_particles), 1))
 
 
 class _JittedSweep:
@@ -340,11 +366,32 @@ class SMC:
 
     def _runs(self, compiled: CompiledProgram, conditional: bool) -> Callable:
         """The sweep vmapped over runs and jitted once: ``(keys, params, twist, arrays,
-        references)``, ``references`` ``[R, T]`` batched for a conditional sweep, else None."""
+        references)``, ``references`` ``[R, T]`` batched for a conditional sweep, else None.
+
+        Runs are split into chunks of at most :func:`runs_per_call` (same-size chunks, the
+        last one padded, so one compilation serves them all); each run's result depends
+        only on its own key, so chunking changes no number.
+        """
         entry = self._batched.get(compiled.sweep)
         if entry is None:
             assert isinstance(compiled.sweep, _JittedSweep)
-            entry = compiled.sweep.vmapped(reference_axis=0 if conditional else None)
+            many = compiled.sweep.vmapped(reference_axis=0 if conditional else None)
+            per_call = runs_per_call(compiled.structure, self.num_particles)
+
+            def entry(keys, model_params, twist_params, arrays, references):
+                total = keys.shape[0]
+                size = min(total, per_call)
+                if size == total:
+                    return many(keys, model_params, twist_params, arrays, references)
+                outputs = []
+                for start in range(0, total, size):
+                    index = jnp.arange(start, start + size) % total  # pad by wrapping
+                    chunk_refs = None if references is None else references[index]
+                    out = many(keys[index], model_params, twist_params, arrays, chunk_refs)
+                    outputs.append(out)
+                joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
+                return jax.tree.map(lambda x: x[:total], joined)
+
             self._batched[compiled.sweep] = entry
         return entry
 

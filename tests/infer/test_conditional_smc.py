@@ -93,3 +93,28 @@ def test_conditional_importance_sampling_accepts_any_scheme(resampling):
         - np.asarray(sampler.conditional_log_marginals(jax.random.key(2), references), np.float64)
     )
     assert_within_standard_errors(ratios, 1.0, k=4)
+
+
+@pytest.mark.parametrize("resampling", ["multinomial", "systematic"])
+def test_runs_split_under_a_memory_budget_give_the_same_numbers(monkeypatch, resampling):
+    """A budget that fits 3 runs per call: 7 runs in 3 padded chunks, every number unchanged
+    (lower runs, and conditional runs where the scheme allows them)."""
+    _, references = exact_references(7, seed=5)
+
+    def estimates():
+        sampler = lmppl.infer.SMC(stepwise, 4, resampling=resampling, ess_threshold=1.0)
+        lower = np.asarray(sampler.log_marginals(jax.random.key(1), 7))
+        if resampling != "multinomial":
+            return lower, None
+        upper = np.asarray(sampler.conditional_log_marginals(jax.random.key(2), references))
+        return lower, upper
+
+    whole = estimates()
+    structure = lmppl.infer.SMC(stepwise, 4).compile().structure
+    per_run = lmppl.infer.backends.run_bytes(structure, 4)
+    monkeypatch.setenv("LMPPL_MEMORY_BUDGET", str(3 * per_run + 1))
+    assert lmppl.infer.backends.runs_per_call(structure, 4) == 3
+    chunked = estimates()
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    if whole[1] is not None:
+        np.testing.assert_array_equal(chunked[1], whole[1])
