@@ -70,3 +70,21 @@ def test_the_twist_and_bounds_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "bounds.png").stat().st_size > 0
     assert namespace["table"].rows and namespace["kl"] is not None
+
+
+@pytest.mark.slow
+def test_the_chat_prompt_snippet_runs_as_written():
+    code = next(snippet for snippet in snippets() if "apply_chat_template" in snippet)
+    namespace = {"lmppl": lmppl}
+    exec(compile(code, "README.md", "exec"), namespace)
+    lm, ids = namespace["lm"], namespace["ids"]
+    assert lm.dtype == jnp.bfloat16
+    expected = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>\n<|im_start|>user\nWrite a one-line review of a film you liked."
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert lm.tokenizer.decode(ids, skip_special_tokens=False) == expected
+    assert ids == lm.tokenizer.encode(expected, add_bos=False)
+    reply = lmppl.generate(lm, ids, max_new_tokens=8, temperature=0)
+    assert reply.texts[0].strip()  # the bfloat16 model answers in words

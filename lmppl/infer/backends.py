@@ -26,6 +26,7 @@ import numpy as np
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.boundaries import ResampleAt, check_resample_at
+from lmppl.infer.kernel import check_options
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
 from lmppl.infer.result import InferenceResult
 from lmppl.infer.sweep import SweepOptions, SweepOutput, build_sweep
@@ -148,6 +149,49 @@ def check_output(output: SweepOutput, backend: str, *, conditional: bool = False
         )
 
 
+class _JittedSweep:
+    """A :class:`~lmppl.infer.sweep.Sweep` jitted as its two halves, ``advance`` and
+    ``finish``, called one after the other: ``(rng_key, model_params, twist_params, arrays,
+    reference) -> SweepOutput``. Jitted apart, the heavy half has no host callback and can
+    be stored in JAX's persistent compilation cache (see :class:`~lmppl.infer.sweep.Sweep`).
+    """
+
+    def __init__(self, sweep: Any, rebuild: Callable):
+        self.sweep = sweep
+        self.rebuild = rebuild
+        self.advance = jax.jit(self._advance)
+        self.finish = jax.jit(self._finish)
+
+    def _advance(self, rng_key, model_params, twist_params, arrays, reference):
+        call_args, call_kwargs = self.rebuild(arrays)
+        return self.sweep.advance(
+            rng_key, model_params, twist_params, call_args, call_kwargs, reference
+        )
+
+    def _finish(self, suffix_key, model_params, arrays, particles, info):
+        call_args, call_kwargs = self.rebuild(arrays)
+        return self.sweep.finish(suffix_key, model_params, call_args, call_kwargs, particles, info)
+
+    def __call__(self, rng_key, model_params, twist_params, arrays, reference):
+        suffix_key, particles, info = self.advance(
+            rng_key, model_params, twist_params, arrays, reference
+        )
+        return self.finish(suffix_key, model_params, arrays, particles, info)
+
+    def vmapped(self, reference_axis: int | None) -> Callable:
+        """The same two halves vmapped over runs (keys and, if batched, references)."""
+        advance = jax.jit(jax.vmap(self._advance, in_axes=(0, None, None, None, reference_axis)))
+        finish = jax.jit(jax.vmap(self._finish, in_axes=(0, None, None, 0, 0)))
+
+        def runs(keys, model_params, twist_params, arrays, references):
+            suffix_keys, particles, info = advance(
+                keys, model_params, twist_params, arrays, references
+            )
+            return finish(suffix_keys, model_params, arrays, particles, info)
+
+        return runs
+
+
 class SMC:
     """Sequential Monte Carlo over the program's latent LM site.
 
@@ -200,6 +244,7 @@ class SMC:
         self.resample_every = int(resample_every)
         self.resample_at = check_resample_at(resample_at)
         self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
+        self._batched: dict[Callable, Callable] = {}
 
     # Subclasses choose the twist (and what it is conditioned on).
     twist_condition: Callable[..., Any] | None = None
@@ -261,11 +306,7 @@ class SMC:
                 self.twist_condition if twist is not None else None,
             )
 
-            def run_sweep(rng_key, model_params, twist_params, arrays, reference):
-                call_args, call_kwargs = rebuild(arrays)
-                return sweep(rng_key, model_params, twist_params, call_args, call_kwargs, reference)
-
-            entry = (structure, jax.jit(run_sweep))
+            entry = (structure, _JittedSweep(sweep, rebuild))
             self._compiled[(static_key, conditional)] = entry
         structure, jitted = entry
         twist = self._twist_for(structure)
@@ -298,15 +339,48 @@ class SMC:
             eos_token_id=site.eos_token_id,
         )
 
+    def _clampable(self, structure: ProgramStructure) -> bool:
+        """Whether this sampler's sweep can also run conditionally (see :meth:`_runs`)."""
+        try:
+            check_options(structure, self._options(conditional=True))
+        except ProgramError:
+            return False
+        return True
+
+    def _runs(self, compiled: CompiledProgram, conditional: bool) -> Callable:
+        """The sweep vmapped over runs and jitted once: ``(keys, params, twist, arrays,
+        references)``, ``references`` ``[R, T]`` batched for a conditional sweep, else None."""
+        entry = self._batched.get(compiled.sweep)
+        if entry is None:
+            assert isinstance(compiled.sweep, _JittedSweep)
+            entry = compiled.sweep.vmapped(reference_axis=0 if conditional else None)
+            self._batched[compiled.sweep] = entry
+        return entry
+
     @reraising
     def log_marginals(self, rng_key: jax.Array, num_runs: int, *args, **kwargs) -> jax.Array:
-        """``[num_runs]`` independent log Ẑ estimates, the runs vmapped in one call."""
+        """``[num_runs]`` independent log Ẑ estimates, the runs vmapped in one call.
+
+        When the sampler also allows conditional runs (multinomial or no resampling), the
+        runs use the conditional sweep with nothing clamped (references of −1), so that
+        :meth:`conditional_log_marginals` with as many runs reuses the same compilation
+        (the lower and upper halves of :func:`lmppl.evaluation.log_z_bounds`).
+        """
         rng_key = _check_key(rng_key)
-        structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
-        model_params = structure.model_params()
+        if isinstance(num_runs, bool) or not isinstance(num_runs, int | np.integer) or num_runs < 1:
+            raise ValueError(f"num_runs must be a positive integer, got {num_runs!r}")
         keys = jax.random.split(rng_key, num_runs)
-        many = jax.vmap(jitted, in_axes=(0, None, None, None, None))
-        outputs = many(keys, model_params, twist_params, arrays, None)
+        compiled = self.compile(*args, **kwargs)
+        if self._clampable(compiled.structure):
+            compiled = self.compile(*args, conditional=True, **kwargs)
+            steps = compiled.structure.lm_site.max_new_tokens
+            references = jnp.full((num_runs, steps), -1, jnp.int32)
+            many = self._runs(compiled, conditional=True)
+        else:
+            references = None
+            many = self._runs(compiled, conditional=False)
+        structure, _, arrays, twist_params = compiled
+        outputs = many(keys, structure.model_params(), twist_params, arrays, references)
         check_output(outputs, self.name)
         return outputs.log_marginal
 
@@ -331,10 +405,11 @@ class SMC:
                 f"references have {references.shape[1]} tokens but the LM site "
                 f"'{structure.lm_site.name}' generates {structure.lm_site.max_new_tokens}"
             )
-        model_params = structure.model_params()
+        if bool(jnp.any(references < 0)):
+            raise ValueError("references must be token ids (non-negative)")
         keys = jax.random.split(rng_key, references.shape[0])
-        many = jax.vmap(jitted, in_axes=(0, None, None, None, 0))
-        outputs = many(keys, model_params, twist_params, arrays, references)
+        many = self._runs(CompiledProgram(structure, jitted, arrays, twist_params), True)
+        outputs = many(keys, structure.model_params(), twist_params, arrays, references)
         check_output(outputs, self.name, conditional=True)
         return outputs.log_marginal
 

@@ -166,7 +166,7 @@ def resample_members(
     log_weights: jax.Array,
     members: jax.Array,
     threshold: float,
-    conditional: bool,
+    keep_first: jax.Array | bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Resample the particles ``members`` ``[N]`` among themselves when their ESS is low.
 
@@ -176,6 +176,7 @@ def resample_members(
     whole system after resampling (0 when not resampled), which the caller moves into
     ``log Ẑ`` (the returned weights are already divided by it), so that ``log Ẑ + log mean
     W`` is unchanged and a resampling of every particle is an ordinary epoch close.
+    ``keep_first`` (conditional SMC, traced bool): particle 0 is its own ancestor.
     """
     num = log_weights.shape[0]
     draw_key, order_key = jax.random.split(rng_key)
@@ -190,8 +191,8 @@ def resample_members(
     rank = jnp.cumsum(members) - 1
     identity = jnp.arange(num, dtype=jnp.int32)
     ancestors = jnp.where(members, draws[order[jnp.clip(rank, 0, num - 1)]], identity)
-    if conditional:
-        ancestors = ancestors.at[0].set(0)
+    # Conditional SMC: the clamped particle 0 keeps its own lineage.
+    ancestors = ancestors.at[0].set(jnp.where(keep_first, 0, ancestors[0]))
     ancestors = jnp.where(resampled, ancestors, identity).astype(jnp.int32)
     member_mean = logsumexp(member_log_weights) - jnp.log(jnp.maximum(count, 1))
     new_log_weights = jnp.where(members, member_mean, log_weights)

@@ -363,7 +363,9 @@ def build_kernel(
       twist_apply: ``twist_apply(twist_params, TwistInputs) -> [N, V]`` log ψ_t, or None.
       twist_params: the twist's parameters.
       condition: handed to the twist as ``TwistInputs.condition``.
-      reference: ``[T]`` the clamped sequence of a conditional sweep (None otherwise).
+      reference: ``[T]`` the clamped sequence of a conditional sweep (None otherwise). A
+        reference of −1 everywhere clamps nothing: the run is then an ordinary SMC run of
+        the same compiled sweep (lower and upper bounds share one compilation).
     """
     structure = target.structure
     check_options(structure, options)
@@ -389,13 +391,18 @@ def build_kernel(
             )
         )
 
-    def resample_branch(state: ParticleState, rng_key):
+    def clamps(t: jax.Array) -> jax.Array:
+        """Whether particle 0 is clamped at step ``t`` (a reference of −1s clamps nothing)."""
+        assert reference is not None, "a conditional sweep needs its reference [T]"
+        return reference[t] >= 0
+
+    def resample_branch(state: ParticleState, rng_key, t):
         ancestors = resampler(rng_key, state.log_weights, num)
         if options.conditional:
-            ancestors = ancestors.at[0].set(0)
+            ancestors = ancestors.at[0].set(jnp.where(clamps(t), 0, ancestors[0]))
         return _resample(state, ancestors), ancestors
 
-    def keep_branch(state: ParticleState, rng_key):
+    def keep_branch(state: ParticleState, rng_key, t):
         return state, jnp.arange(num, dtype=jnp.int32)
 
     def step(rng_key: jax.Array, state: ParticleState, t: jax.Array):
@@ -408,7 +415,7 @@ def build_kernel(
         else:
             resampled = gate & ((threshold >= 1.0) | (ess < threshold * num))
             state, ancestors = jax.lax.cond(
-                resampled, resample_branch, keep_branch, state, resample_key
+                resampled, resample_branch, keep_branch, state, resample_key, t
             )
 
         log_p0 = next_token_log_weights(model, state.decode.logits, site.temperature)
@@ -436,9 +443,14 @@ def build_kernel(
         if word_level:
             boundary_key, resample_key = jax.random.split(resample_key)
             at_boundary, _ = draw_boundaries(boundary_key, log_q, boundary)
-            if options.conditional:
+            keep_first = jnp.zeros((), bool)
+            if options.conditional:  # the clamped particle's class is its reference token's
+                keep_first = clamps(t)
                 assert reference is not None, "a conditional sweep needs its reference [T]"
-                at_boundary = at_boundary.at[0].set(boundary[reference[t]])
+                reference_class = boundary[jnp.maximum(reference[t], 0)]
+                at_boundary = at_boundary.at[0].set(
+                    jnp.where(keep_first, reference_class, at_boundary[0])
+                )
             if eos is not None:  # an ended row is complete: at a boundary, weight fixed
                 increment = jnp.where(state.decode.done, 0.0, increment)
                 at_boundary = at_boundary | state.decode.done
@@ -448,7 +460,7 @@ def build_kernel(
                 state.log_weights + increment,
                 at_boundary & gate,
                 threshold or 0.0,  # never None here (word_level)
-                options.conditional,
+                keep_first,
             )
 
             def regroup(state, proposal, ancestors, log_weights, log_mean):
@@ -473,7 +485,7 @@ def build_kernel(
         token = sample_categorical(sample_key, log_q)
         if options.conditional:
             assert reference is not None, "a conditional sweep needs its reference [T]"
-            token = token.at[0].set(reference[t])
+            token = token.at[0].set(jnp.where(reference[t] >= 0, reference[t], token[0]))
         new_log_psi = (
             jnp.take_along_axis(log_psi_next, token[:, None], axis=1)[:, 0]
             if log_psi_next is not None

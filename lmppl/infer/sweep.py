@@ -38,35 +38,59 @@ from lmppl.infer.kernel import (
 from lmppl.infer.program import ProgramStructure
 from lmppl.infer.twist import TwistInputs
 
-__all__ = ["ParticleState", "StepInfo", "SweepOptions", "SweepOutput", "build_sweep"]
+__all__ = ["ParticleState", "StepInfo", "Sweep", "SweepOptions", "SweepOutput", "build_sweep"]
 
 
-def build_sweep(
-    structure: ProgramStructure,
-    program: Callable,
-    options: SweepOptions,
-    twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
-    twist_condition: Callable[..., Any] | None = None,
-) -> Callable[..., SweepOutput]:
-    """The (unjitted) sweep ``sweep(rng_key, model_params, twist_params, args, kwargs, reference)``.
+class Sweep:
+    """The (unjitted) sweep, callable as a whole or as its two halves.
 
-    ``model_params`` is a dict keyed by ``structure.model_keys``; ``twist_params`` is the
-    twist's parameter pytree (or None); ``reference`` is the clamped sequence ``[T]`` of a
-    conditional sweep (None otherwise); ``twist_condition(*args, **kwargs)``, if given, is
-    handed to the twist as ``TwistInputs.condition``. The caller jits it.
+    ``sweep(rng_key, model_params, twist_params, args, kwargs, reference=None)`` returns the
+    :class:`SweepOutput`. The same computation in two parts::
+
+        suffix_key, particles, info = sweep.advance(rng_key, model_params, twist_params,
+                                                    args, kwargs, reference)
+        output = sweep.finish(suffix_key, model_params, args, kwargs, particles, info)
+
+    ``advance`` is the prefix and the scan over tokens (everything heavy); ``finish`` runs
+    the program's suffix (φ, observed sites). Jitted apart, a host scorer of φ (a
+    ``jax.pure_callback``) lives only in ``finish``: JAX does not store programs with host
+    callbacks in its persistent compilation cache, so the expensive ``advance`` can still
+    be loaded from disk by the next process. ``particles`` is the final
+    :class:`ParticleState` without the network cache, logits and hidden states (finish
+    does not read them).
     """
-    check_options(structure, options)
-    num = options.num_particles
-    steps = structure.lm_site.max_new_tokens
 
-    def sweep(rng_key, model_params, twist_params, args, kwargs, reference=None):
+    def __init__(
+        self,
+        structure: ProgramStructure,
+        program: Callable,
+        options: SweepOptions,
+        twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
+        twist_condition: Callable[..., Any] | None,
+    ):
+        check_options(structure, options)
+        self.structure = structure
+        self.program = program
+        self.options = options
+        self.twist_apply = twist_apply
+        self.twist_condition = twist_condition
+
+    def _target(self, args, kwargs) -> BoundProgram:
+        return BoundProgram(self.structure, self.program, args, kwargs)
+
+    def advance(self, rng_key, model_params, twist_params, args, kwargs, reference=None):
+        """``(suffix_key, particles, info)``: init and the kernel scanned over the T steps."""
+        options, num = self.options, self.options.num_particles
+        steps = self.structure.lm_site.max_new_tokens
         prefix_key, step_key, suffix_key = jax.random.split(rng_key, 3)
-        target = BoundProgram(structure, program, args, kwargs)
+        target = self._target(args, kwargs)
         state = init(prefix_key, target, model_params, num)
         state = _constrain(state, options.particle_sharding, num)
-        condition = twist_condition(*args, **kwargs) if twist_condition is not None else None
+        condition = (
+            self.twist_condition(*args, **kwargs) if self.twist_condition is not None else None
+        )
         step = build_kernel(
-            target, model_params, options, twist_apply, twist_params, condition, reference
+            target, model_params, options, self.twist_apply, twist_params, condition, reference
         )
 
         def scan_step(state: ParticleState, inputs):
@@ -75,6 +99,34 @@ def build_sweep(
 
         keys = jax.random.split(step_key, steps)
         state, info = jax.lax.scan(scan_step, state, (jnp.arange(steps), keys))
-        return finalize(suffix_key, target, model_params, state, info)
+        slim = state.decode._replace(cache=None, logits=None, hidden=None)
+        return suffix_key, state._replace(decode=slim), info
 
-    return sweep
+    def finish(self, suffix_key, model_params, args, kwargs, particles, info) -> SweepOutput:
+        """The final potential and the closing of the last epoch (:func:`finalize`)."""
+        return finalize(suffix_key, self._target(args, kwargs), model_params, particles, info)
+
+    def __call__(self, rng_key, model_params, twist_params, args, kwargs, reference=None):
+        suffix_key, particles, info = self.advance(
+            rng_key, model_params, twist_params, args, kwargs, reference
+        )
+        return self.finish(suffix_key, model_params, args, kwargs, particles, info)
+
+
+def build_sweep(
+    structure: ProgramStructure,
+    program: Callable,
+    options: SweepOptions,
+    twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
+    twist_condition: Callable[..., Any] | None = None,
+) -> Sweep:
+    """The (unjitted) :class:`Sweep` ``sweep(rng_key, model_params, twist_params, args, kwargs,
+    reference)``.
+
+    ``model_params`` is a dict keyed by ``structure.model_keys``; ``twist_params`` is the
+    twist's parameter pytree (or None); ``reference`` is the clamped sequence ``[T]`` of a
+    conditional sweep (None otherwise); ``twist_condition(*args, **kwargs)``, if given, is
+    handed to the twist as ``TwistInputs.condition``. The caller jits it (whole, or its
+    two halves ``advance`` and ``finish``).
+    """
+    return Sweep(structure, program, options, twist_apply, twist_condition)

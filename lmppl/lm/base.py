@@ -69,7 +69,13 @@ class LMOutput(NamedTuple):
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """The tokenizer surface lmppl uses (see :mod:`lmppl.lm.tokenizers`)."""
+    """The tokenizer surface lmppl uses (see :mod:`lmppl.lm.tokenizers`).
+
+    Loaded checkpoints' tokenizers (Hugging Face, GGUF, llama2.c) also have
+    ``apply_chat_template(messages, add_generation_prompt=..., tokenize=...)``: the prompt
+    ids (or text) of a conversation by the checkpoint's chat template, or a one-line
+    ``ValueError`` when it has none.
+    """
 
     vocab_size: int
     bos_token_id: int | None

@@ -216,8 +216,8 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> ModelConfig:
     its ``architectures`` class. RoPE scaling kinds: linear, dynamic, yarn, llama3,
     longrope (see :mod:`lmppl.lm.rope`). Features that would change the maths but are not
     implemented (another RoPE scaling kind, Llama's output-projection and MLP biases,
-    GPT-2's per-layer score scaling, bidirectional Gemma attention) raise a one-line
-    ``ValueError`` naming the feature.
+    GPT-2's per-layer score scaling, bidirectional Gemma attention, quantized weights
+    (``quantization_config``)) raise a one-line ``ValueError`` naming the feature.
     """
     model_type = config_dict.get("model_type")
     architectures = config_dict.get("architectures") or []
@@ -232,9 +232,23 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> ModelConfig:
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = f" ({_UNSUPPORTED_HINTS[model_type]})" if model_type in _UNSUPPORTED_HINTS else ""
+        if not hint and config_dict.get("is_encoder_decoder"):
+            hint = " (an encoder-decoder model; lmppl.load reads decoder-only causal LMs)"
         raise ValueError(
             f"unsupported model type {model_type!r}{hint}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    quantization = config_dict.get("quantization_config")
+    if quantization:
+        method = (
+            quantization.get("quant_method", "unknown")
+            if isinstance(quantization, dict)
+            else quantization
+        )
+        raise ValueError(
+            f"{model_type}: quantized checkpoints (quantization_config: {method}) are not "
+            "supported; use the unquantized safetensors (dtype='bfloat16' keeps them in "
+            "bfloat16) or a GGUF file (dequantised on load)"
         )
     if model_type == "gemma3":  # read the language model's config
         text = dict(config_dict.get("text_config") or {})

@@ -287,6 +287,7 @@ def read_gguf(
                 f"the metadata implies {shape}"
             )
     tokenizer = tokenizer_from_gguf_metadata(metadata)
+    tokenizer.name = name
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
             f"{name}: tokenizer of {tokenizer.vocab_size} tokens for a model of {config.vocab_size}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from lmppl.lm.base import LanguageModel
 from lmppl.lm.build import build_network, config_from_hf, language_model_tensors
+from lmppl.lm.tokenizers import render_chat_template
 
 __all__ = ["HFTokenizer", "load_hf", "read_safetensors", "resolve_checkpoint_folder"]
 
@@ -35,8 +36,9 @@ class HFTokenizer:
     ``add_bos=False`` encodes the bare text. ``vocab_size`` counts added tokens too.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, name: str = "this tokenizer"):
         self.tokenizer = tokenizer
+        self.name = name
         self.vocab_size = len(tokenizer)
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_id = tokenizer.eos_token_id
@@ -46,7 +48,50 @@ class HFTokenizer:
         """Load with ``transformers.AutoTokenizer`` from a local folder (no network)."""
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as error:  # transformers raises many kinds, often over many lines
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"{folder}: transformers cannot load this tokenizer "
+                f"({type(error).__name__}: {reason[:200]})"
+            ) from None
+        return cls(tokenizer, name=str(folder))
+
+    @property
+    def chat_template(self) -> str | dict[str, str] | None:
+        """The checkpoint's chat template (``tokenizer_config.json``'s ``chat_template`` or
+        ``chat_template.jinja``), or ``None``."""
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render ``messages`` (``[{"role": "user", "content": "..."}, ...]``) with the
+        checkpoint's chat template, by ``transformers``' own ``apply_chat_template``.
+
+        Args:
+          messages: one conversation.
+          add_generation_prompt: end with the header of an assistant turn (what an
+            instruction model should continue).
+          tokenize: return token ids (``list[int]``, special tokens as the template writes
+            them and nothing added: ready as ``lmppl.LM(lm, prompt=ids, ...)``); ``False``
+            returns the text (encode it with ``encode(text, add_bos=False)``: the template
+            already wrote any BOS).
+          **kwargs: passed on (``chat_template=...`` to use another template, template
+            variables such as ``enable_thinking=False``).
+
+        Raises:
+          ValueError: the checkpoint has no chat template (one line).
+        """
+        return render_chat_template(
+            self.tokenizer, self.name, messages, add_generation_prompt, tokenize, kwargs
+        )
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_bos))
@@ -134,19 +179,29 @@ def load_hf(path_or_id: str, dtype: Any = None) -> LanguageModel:
     Args:
       path_or_id: a local folder (``config.json`` + safetensors) or a hub id such as
         ``"HuggingFaceTB/SmolLM2-135M"`` (used from the local cache when offline).
-      dtype: parameter dtype; ``None`` means float32.
+      dtype: parameter dtype; ``None`` means float32. ``jnp.bfloat16`` keeps a bfloat16
+        checkpoint's weights as stored (and casts float32 ones); the KV cache follows the
+        parameters, while attention scores, softmax and logits stay float32.
 
     Raises:
       FileNotFoundError: no such folder / uncached hub id / no safetensors weights.
-      ValueError: unsupported model type, missing tensor, or a shape mismatch.
+      ValueError: unsupported model type or feature (quantized weights, ...), missing
+        tensor, a shape mismatch, or a tokenizer with more tokens than the model.
     """
     folder = resolve_checkpoint_folder(path_or_id)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
     config = config_from_hf(json.loads(config_path.read_text()))
-    tensors = language_model_tensors(read_safetensors(folder))
-    network = build_network(config, tensors, dtype or jnp.float32)
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
     tokenizer = HFTokenizer.from_folder(folder) if has_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        # Configs may pad the vocabulary beyond the tokenizer (Qwen), never the reverse:
+        # ids past the embedding table would be clipped silently.
+        raise ValueError(
+            f"{path_or_id}: tokenizer of {tokenizer.vocab_size} tokens for a model of "
+            f"{config.vocab_size}"
+        )
+    tensors = language_model_tensors(read_safetensors(folder))
+    network = build_network(config, tensors, dtype or jnp.float32)
     return LanguageModel(network, config, tokenizer, name=str(path_or_id))

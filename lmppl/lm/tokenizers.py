@@ -32,10 +32,50 @@ __all__ = [
     "ByteLevelBPETokenizer",
     "Llama2cTokenizer",
     "load_llama2c_tokenizer",
+    "no_chat_template_message",
+    "render_chat_template",
     "tokenizer_from_gguf_metadata",
 ]
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+
+
+def no_chat_template_message(name: str) -> str:
+    """The one-line error of ``apply_chat_template`` on a model without a chat template."""
+    return (
+        f"{name} has no chat template (no chat_template in tokenizer_config.json, no "
+        "chat_template.jinja, no tokenizer.chat_template in a GGUF file): prompt it with plain "
+        "text or token ids, or pass chat_template='...'"
+    )
+
+
+def render_chat_template(
+    tokenizer: Any,
+    name: str,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool,
+    tokenize: bool,
+    kwargs: dict[str, Any],
+) -> str | list[int]:
+    """``tokenizer.apply_chat_template`` of a ``transformers`` tokenizer for one conversation:
+    the text, or its token ids as ``list[int]`` (nothing added beyond what the template
+    writes); a one-line ``ValueError`` when there is no template."""
+    if getattr(tokenizer, "chat_template", None) is None and kwargs.get("chat_template") is None:
+        raise ValueError(no_chat_template_message(name))
+    if not messages or not isinstance(messages[0], Mapping):
+        raise ValueError(
+            "apply_chat_template takes one conversation: a non-empty list of "
+            '{"role": ..., "content": ...} messages'
+        )
+    rendered = tokenizer.apply_chat_template(
+        list(messages),
+        add_generation_prompt=add_generation_prompt,
+        tokenize=tokenize,
+        return_dict=False,
+        **kwargs,
+    )
+    return [int(i) for i in rendered] if tokenize else rendered
+
 
 # llama.cpp's token types (``tokenizer.ggml.token_type``).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -69,6 +109,8 @@ class Llama2cTokenizer:
         special_token_ids: Sequence[int] = (),
         add_dummy_prefix: bool = True,
         add_bos_token: bool = True,
+        chat_template: str | None = None,
+        name: str = "this tokenizer",
     ):
         if len(pieces) != len(scores):
             raise ValueError(f"{len(pieces)} pieces but {len(scores)} scores")
@@ -80,6 +122,8 @@ class Llama2cTokenizer:
         self.unknown_token_id = unknown_token_id
         self.add_dummy_prefix = add_dummy_prefix
         self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+        self.name = name
         self.special_token_ids = frozenset(
             i
             for i in (*special_token_ids, bos_token_id, eos_token_id, unknown_token_id)
@@ -102,6 +146,25 @@ class Llama2cTokenizer:
 
     def __repr__(self) -> str:
         return f"Llama2cTokenizer(vocab_size={self.vocab_size})"
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Refused in one line: llama2.c vocabularies have no chat template, and a
+        sentencepiece GGUF vocabulary's template is not rendered here (its control tokens
+        are not matched in text by this tokenizer); load the model's Hugging Face folder."""
+        if self.chat_template is None:
+            raise ValueError(no_chat_template_message(self.name))
+        raise ValueError(
+            f"{self.name}: chat templates of sentencepiece GGUF vocabularies are not supported "
+            "(only byte-level BPE GGUF vocabularies and Hugging Face tokenizers); load the "
+            "model's Hugging Face folder for its chat template"
+        )
 
     def _initial_ids(self, text: str) -> list[int]:
         """Dummy prefix, then one piece per code point or its byte-fallback pieces."""
@@ -227,7 +290,9 @@ def load_llama2c_tokenizer(path: str | os.PathLike) -> Llama2cTokenizer:
         offset += length
     if len(pieces) < 3:
         raise ValueError(f"{name}: llama2.c tokenizer with only {len(pieces)} entries")
-    return Llama2cTokenizer(pieces, scores, bos_token_id=1, eos_token_id=2, unknown_token_id=0)
+    return Llama2cTokenizer(
+        pieces, scores, bos_token_id=1, eos_token_id=2, unknown_token_id=0, name=name
+    )
 
 
 class ByteLevelBPETokenizer:
@@ -247,12 +312,17 @@ class ByteLevelBPETokenizer:
         bos_token_id: int | None,
         eos_token_id: int | None,
         add_bos_token: bool = False,
+        chat_template: str | None = None,
+        name: str = "this tokenizer",
     ):
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+        self.name = name
+        self._chat_tokenizer: Any = None
 
     def __repr__(self) -> str:
         return f"ByteLevelBPETokenizer(vocab_size={self.vocab_size})"
@@ -267,6 +337,38 @@ class ByteLevelBPETokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` ``[T]``."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render ``messages`` with the GGUF file's ``tokenizer.chat_template``, by
+        ``transformers``' ``apply_chat_template`` (over a copy of this tokenizer).
+
+        Same arguments and results as :meth:`lmppl.lm.hf.HFTokenizer.apply_chat_template`:
+        token ids (``tokenize=True``, ready as an ``lmppl.LM`` prompt) or the text.
+        """
+        if self.chat_template is None and kwargs.get("chat_template") is None:
+            raise ValueError(no_chat_template_message(self.name))
+        if self._chat_tokenizer is None:
+            from transformers import PreTrainedTokenizerFast
+
+            def token(token_id: int | None) -> str | None:
+                return None if token_id is None else self.backend.id_to_token(token_id)
+
+            self._chat_tokenizer = PreTrainedTokenizerFast(
+                tokenizer_object=tokenizers.Tokenizer.from_str(self.backend.to_str()),
+                bos_token=token(self.bos_token_id),
+                eos_token=token(self.eos_token_id),
+                chat_template=self.chat_template,
+            )
+        return render_chat_template(
+            self._chat_tokenizer, self.name, messages, add_generation_prompt, tokenize, kwargs
+        )
 
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -346,6 +448,7 @@ def _byte_level_tokenizer(metadata: Mapping[str, Any]) -> ByteLevelBPETokenizer:
         bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=metadata.get("tokenizer.chat_template"),
     )
 
 
@@ -364,6 +467,7 @@ def _sentencepiece_tokenizer(metadata: Mapping[str, Any]) -> Llama2cTokenizer:
         special_token_ids=special,
         add_dummy_prefix=bool(metadata.get("tokenizer.ggml.add_space_prefix", True)),
         add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+        chat_template=metadata.get("tokenizer.chat_template"),
     )
 
 

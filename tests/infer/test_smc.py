@@ -149,7 +149,7 @@ def test_new_argument_values_do_not_recompile():
     sampler.run(jax.random.key(0), jnp.array([4, 2], jnp.int32))
     sampler.run(jax.random.key(0), jnp.array([3, 3], jnp.int32))
     ((_, jitted),) = sampler._compiled.values()
-    assert jitted._cache_size() == 1
+    assert jitted.advance._cache_size() == 1 and jitted.finish._cache_size() == 1
 
 
 def exact_samples(name, count, seed=0):
