@@ -30,7 +30,7 @@ import numpy as np
 import numpyro
 from numpyro.distributions.distribution import Unit
 
-from lmppl.automata import TokenAutomaton, json_schema, regex
+from lmppl.automata import AutomatonPotential, TokenAutomaton, json_schema, regex
 from lmppl.decoding import trim_at_eos, valid_mask
 from lmppl.host_errors import remembered
 from lmppl.lm.base import Tokenizer
@@ -161,15 +161,63 @@ class _PrefixPotential:
         return state
 
 
+def _lm_site_of(sequence: Any) -> tuple[str, Any] | None:
+    """``(site name, model)`` of the ``lmppl.LM`` site whose value is ``sequence``.
+
+    Read from the trace of every enclosing ``numpyro.handlers.trace`` (the handler under
+    which NumPyro's inference utilities, ``Predictive`` and lmppl's own inference run a
+    program); None when no trace holds it (e.g. a bare ``handlers.seed``).
+    """
+    from numpyro.handlers import trace
+    from numpyro.primitives import _PYRO_STACK
+
+    from lmppl.distribution import LM
+
+    for handler in reversed(_PYRO_STACK):
+        if not isinstance(handler, trace):
+            continue
+        for site_name, site in handler.trace.items():
+            if site["type"] != "sample" or site["value"] is not sequence:
+                continue
+            fn = site["fn"]
+            while not isinstance(fn, LM) and hasattr(fn, "base_dist"):
+                fn = fn.base_dist  # wrapped by a handler (Predictive masks every site)
+            if isinstance(fn, LM):
+                return site_name, fn.model
+    return None
+
+
+def _check_vocabulary(name: str, potential: Any, width: int, lm_site: tuple[str, Any]) -> None:
+    """Refuse a per-step potential whose ``[V]`` log-weights do not span the model's vocabulary."""
+    site_name, model = lm_site
+    if width == model.vocab_size:
+        return
+    where = f"the LM site '{site_name}' ({model.name}) has a vocabulary of {model.vocab_size}"
+    if isinstance(potential, AutomatonPotential):
+        raise ValueError(
+            f"constraint '{name}' was built for a vocabulary of {width} tokens but {where}: "
+            "build it from the model itself (potentials.regex(pattern, lm), "
+            "potentials.json_schema(schema, lm))"
+        )
+    raise ValueError(
+        f"per-step potential '{name}' returns {width} log-weights per step but {where}"
+    )
+
+
 def _step_site(
     name: str, sequence: jax.Array, potential: Any, eos_token_id: int | None
 ) -> jax.Array:
     """Record ``potential`` (a :class:`~lmppl.types.StatefulStepPotential`) as a factor site.
 
     The factor is ``Σ_t log m_t(state_t, s_<t, s_t)`` over the positions up to the first
-    EOS, the state advanced token by token from ``potential.init()``.
+    EOS, the state advanced token by token from ``potential.init()``. When the sequence is
+    an ``lmppl.LM`` site's value (seen through an enclosing trace: plain NumPyro's inference
+    utilities, ``Predictive``, and every lmppl backend), the potential's width must be that
+    model's vocabulary size (one-line ``ValueError`` otherwise); a token beyond the
+    potential's width gets weight zero, never another token's.
     """
     original = sequence
+    lm_site = _lm_site_of(original)
     sequence = jnp.asarray(sequence)
     steps = sequence.shape[-1]
     positions = jnp.arange(steps)
@@ -177,7 +225,10 @@ def _step_site(
     def total(row: jax.Array) -> jax.Array:
         def at(state, t):
             prefix = jnp.where(positions < t, row, 0)
-            value = potential.log_weights(state, prefix, t)[row[t]]
+            log_weights = potential.log_weights(state, prefix, t)
+            if lm_site is not None:  # the width is static: checked once, while tracing
+                _check_vocabulary(name, potential, log_weights.shape[-1], lm_site)
+            value = log_weights.at[row[t]].get(mode="fill", fill_value=-jnp.inf)
             return potential.update(state, row[t], t), value
 
         _, values = jax.lax.scan(at, potential.init(), positions)
@@ -252,7 +303,10 @@ def constrain(
         for a site with ``stop_at_eos=False``).
 
     Raises:
-      ValueError: no text of the language fits in ``T`` tokens.
+      ValueError: no text of the language fits in ``T`` tokens; or the automaton was
+        built on a tokenizer whose size (``constraint.vocab_size``) is not the vocabulary
+        of the LM site that produced ``sequence`` (checked by every lmppl backend and under
+        NumPyro's ``trace``, ``log_density`` and ``Predictive``).
     """
     steps = jnp.shape(sequence)[-1]
     if isinstance(constraint, TokenAutomaton):

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
+from lmppl.infer.boundaries import ResampleAt, check_resample_at
 from lmppl.infer.kernel import check_options
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
 from lmppl.infer.result import InferenceResult
@@ -231,6 +232,11 @@ class SMC:
         devices); N must be divisible by that axis' size.
       resample_every: block-level steps: consider resampling only every k tokens (before
         steps k, 2k, ...); the weights stay exact (see :mod:`lmppl.infer.kernel`).
+      resample_at: word-level steps: ``"word"`` resamples only the particles whose next
+        token starts a new word (its text starts with whitespace, ``Ġ`` or ``▁``; or EOS),
+        among themselves; a predicate ``f(token_text) -> bool`` chooses other boundary
+        tokens; ``None`` (default) resamples all particles at token positions. Exact (see
+        :mod:`lmppl.infer.boundaries`).
     """
 
     name = "SMC"
@@ -244,6 +250,7 @@ class SMC:
         ess_threshold: float | None = 0.5,
         mesh: Any = None,
         resample_every: int = 1,
+        resample_at: ResampleAt = None,
     ):
         if not callable(program):
             raise TypeError(
@@ -261,6 +268,7 @@ class SMC:
         if resample_every < 1:
             raise ValueError(f"resample_every must be a positive integer, got {resample_every}")
         self.resample_every = int(resample_every)
+        self.resample_at = check_resample_at(resample_at)
         self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
         self._batched: dict[Callable, Callable] = {}
 
@@ -299,6 +307,7 @@ class SMC:
             particle_sharding=self._sharding(),
             conditional=conditional,
             resample_every=self.resample_every,
+            resample_at=self.resample_at,
         )
 
     def compile(self, *args, conditional: bool = False, **kwargs) -> CompiledProgram:
@@ -468,8 +477,8 @@ class TwistedSMC(SMC):
       twists: ``{lm_site_name: twist}`` with a twist as in :mod:`lmppl.infer.twist`
         (a callable, or an object with ``params`` and ``apply``). An untrained twist
         (log ψ ≡ 0) makes this bootstrap SMC.
-      resampling, ess_threshold, mesh, resample_every: as :class:`SMC` (default: resample
-        every step, as in the paper).
+      resampling, ess_threshold, mesh, resample_every, resample_at: as :class:`SMC`
+        (default: resample every step, as in the paper).
       twist_condition: ``f(*args, **kwargs) -> pytree`` computed from the program's
         arguments and handed to the twist as ``TwistInputs.condition`` (e.g. the observed
         continuation of an infilling program, for a conditional twist).
@@ -488,6 +497,7 @@ class TwistedSMC(SMC):
         mesh: Any = None,
         twist_condition: Callable[..., Any] | None = None,
         resample_every: int = 1,
+        resample_at: ResampleAt = None,
     ):
         super().__init__(
             program,
@@ -496,6 +506,7 @@ class TwistedSMC(SMC):
             ess_threshold=ess_threshold,
             mesh=mesh,
             resample_every=resample_every,
+            resample_at=resample_at,
         )
         if not isinstance(twists, dict) or not twists:
             raise ValueError("twists must be a dict {lm_site_name: twist}")

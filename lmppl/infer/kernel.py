@@ -26,6 +26,9 @@ The ESS rule is ``ess_threshold`` (``None``: never resample, importance sampling
 consulted at the block boundaries t = k, 2k, ...; inside a block every token is still
 proposed and weighted as above (so step potentials keep masking each token), and the
 weights accumulate over the block, so Ẑ stays unbiased and the final weights exact.
+Word-level steps: with ``resample_at = "word"`` (or a predicate on token texts) each
+step first draws whether a particle's next token starts a new word, and only the particles
+at such a boundary are resampled, among themselves (:mod:`lmppl.infer.boundaries`: exact).
 Rows that emitted EOS are padded with EOS and carry weight 1 (and their twist value) from
 then on. A model that is not ``locally_normalised`` (see
 :mod:`lmppl.decoding`) has ``p̃0(s) = Π_t exp m_t(s_t)``: the same formulas hold with
@@ -50,6 +53,14 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from lmppl.decoding import DecodeState, advance, next_token_log_weights, prefill, reorder
+from lmppl.infer.boundaries import (
+    ResampleAt,
+    boundary_tokens,
+    check_resample_at,
+    draw_boundaries,
+    resample_members,
+    restrict,
+)
 from lmppl.infer.program import (
     ModelParams,
     ProgramError,
@@ -93,6 +104,10 @@ class SweepOptions:
         ``E[log Ẑ] >= log Z`` (the upper half of the bidirectional bounds).
       resample_every: block size k: resampling is considered only before steps
         t = k, 2k, ... (block-level steps; 1: before every step).
+      resample_at: ``None`` (resample all particles at token positions), ``"word"`` or a
+        predicate on a token's text: resample only the particles whose next token starts
+        a new word (or satisfies the predicate), among themselves
+        (:mod:`lmppl.infer.boundaries`); ``resample_every`` still gates the steps.
     """
 
     num_particles: int
@@ -101,6 +116,7 @@ class SweepOptions:
     particle_sharding: Any = None
     conditional: bool = False
     resample_every: int = 1
+    resample_at: ResampleAt = None
 
 
 class BoundProgram(NamedTuple):
@@ -232,6 +248,7 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
     every = options.resample_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ProgramError(f"resample_every must be a positive integer, got {every!r}")
+    check_resample_at(options.resample_at)
     if not options.conditional:
         return
     if structure.prefix_sites:
@@ -312,6 +329,22 @@ def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
     )
 
 
+def _regroup(
+    state: ParticleState, ancestors: jax.Array, log_weights: jax.Array, log_mean: jax.Array
+) -> ParticleState:
+    """Gather every particle field by ``ancestors`` and set the weights (word-level steps:
+    ``log_weights`` already divided by the mean ``log_mean`` moved into log Ẑ)."""
+    gather = lambda tree: jax.tree.map(lambda x: gather_rows(x, ancestors), tree)
+    return state._replace(
+        decode=reorder(state.decode, ancestors),
+        log_weights=log_weights,
+        log_psi=gather(state.log_psi),
+        prefix_values=gather(state.prefix_values),
+        step_states=gather(state.step_states),
+        log_marginal=state.log_marginal + log_mean,
+    )
+
+
 def build_kernel(
     target: BoundProgram,
     model_params: ModelParams,
@@ -350,6 +383,13 @@ def build_kernel(
     if step_functions is not None:
         step_log_weights = jax.vmap(step_functions.log_weights, in_axes=(0, 0, 0, None))
         step_update = jax.vmap(step_functions.update, in_axes=(0, 0, 0, None))
+    word_level = options.resample_at is not None and threshold is not None
+    if word_level:
+        boundary = jnp.asarray(
+            boundary_tokens(
+                options.resample_at, model.tokenizer, model.vocab_size, model.eos_token_id
+            )
+        )
 
     def clamps(t: jax.Array) -> jax.Array:
         """Whether particle 0 is clamped at step ``t`` (a reference of −1s clamps nothing)."""
@@ -368,12 +408,12 @@ def build_kernel(
     def step(rng_key: jax.Array, state: ParticleState, t: jax.Array):
         resample_key, sample_key = jax.random.split(rng_key)
         ess = effective_sample_size(state.log_weights)
-        if threshold is None:
+        gate = (t > 0) & (t % options.resample_every == 0)
+        if threshold is None or word_level:  # word-level: resampled after the proposal
             resampled = jnp.zeros((), bool)
             ancestors = jnp.arange(num, dtype=jnp.int32)
         else:
-            boundary = (t > 0) & (t % options.resample_every == 0)
-            resampled = boundary & ((threshold >= 1.0) | (ess < threshold * num))
+            resampled = gate & ((threshold >= 1.0) | (ess < threshold * num))
             state, ancestors = jax.lax.cond(
                 resampled, resample_branch, keep_branch, state, resample_key, t
             )
@@ -400,6 +440,48 @@ def build_kernel(
         log_q, increment = propose(
             log_p0, potentials, log_psi_next, state.log_psi, normalised=normalised
         )
+        if word_level:
+            boundary_key, resample_key = jax.random.split(resample_key)
+            at_boundary, _ = draw_boundaries(boundary_key, log_q, boundary)
+            keep_first = jnp.zeros((), bool)
+            if options.conditional:  # the clamped particle's class is its reference token's
+                keep_first = clamps(t)
+                assert reference is not None, "a conditional sweep needs its reference [T]"
+                reference_class = boundary[jnp.maximum(reference[t], 0)]
+                at_boundary = at_boundary.at[0].set(
+                    jnp.where(keep_first, reference_class, at_boundary[0])
+                )
+            if eos is not None:  # an ended row is complete: at a boundary, weight fixed
+                increment = jnp.where(state.decode.done, 0.0, increment)
+                at_boundary = at_boundary | state.decode.done
+            resampled, ancestors, log_weights, log_mean = resample_members(
+                resample_key,
+                resampler,
+                state.log_weights + increment,
+                at_boundary & gate,
+                threshold or 0.0,  # never None here (word_level)
+                keep_first,
+            )
+
+            def regroup(state, proposal, ancestors, log_weights, log_mean):
+                take = lambda tree: jax.tree.map(lambda x: gather_rows(x, ancestors), tree)
+                return _regroup(state, ancestors, log_weights, log_mean), take(proposal)
+
+            def keep(state, proposal, ancestors, log_weights, log_mean):
+                return state._replace(log_weights=log_weights), proposal
+
+            state, (log_q, log_psi_next, at_boundary) = jax.lax.cond(
+                resampled,
+                regroup,
+                keep,
+                state,
+                (log_q, log_psi_next, at_boundary),
+                ancestors,
+                log_weights,
+                log_mean,
+            )
+            increment = jnp.zeros_like(increment)  # already in the weights
+            log_q = restrict(log_q, boundary, at_boundary)
         token = sample_categorical(sample_key, log_q)
         if options.conditional:
             assert reference is not None, "a conditional sweep needs its reference [T]"

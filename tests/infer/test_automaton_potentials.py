@@ -281,3 +281,69 @@ def test_pattern_longer_than_the_sequence_is_refused():
         "constraint 'long': the shortest token sequence matching .* has 3 tokens; "
         "the sequence has 2",
     )
+
+
+SMALLER_TOKENIZER = table_lm(("a", "b"), context_length=12).tokenizer  # 4 tokens
+LARGER_TOKENIZER = table_lm(("a", "b", "ab", "ba"), context_length=12).tokenizer  # 6 tokens
+
+
+def foreign_constraint(tokenizer):
+    automaton = potentials.regex("(ab)+", tokenizer)
+
+    def program():
+        s = numpyro.sample("s", lmppl.LM(LM, "a", STEPS))
+        potentials.constrain("pattern", s, automaton)
+
+    return automaton, program
+
+
+@pytest.mark.parametrize("tokenizer", [SMALLER_TOKENIZER, LARGER_TOKENIZER], ids=["4", "6"])
+def test_constraint_from_another_vocabulary_is_refused_everywhere(tokenizer):
+    """A regex built on a tokenizer whose size is not the model's (5) is refused in one
+    line by SMC, Exact and plain NumPyro (trace, log_density, Predictive)."""
+    automaton, program = foreign_constraint(tokenizer)
+    assert automaton.vocab_size == tokenizer.vocab_size != LM.vocab_size
+    match = (
+        rf"constraint 'pattern' was built for a vocabulary of {tokenizer.vocab_size} tokens "
+        r"but the LM site 's' \(table-5\) has a vocabulary of 5: build it from the model"
+    )
+    seeded = numpyro.handlers.seed(program, 0)
+    sample = numpyro.handlers.trace(numpyro.handlers.seed(FREE, 0)).get_trace()["s"]["value"]
+    for call in (
+        lambda: lmppl.infer.SMC(program, 4).run(jax.random.key(0)),
+        lambda: lmppl.infer.TwistedSMC(program, 4, twists={"s": random_twist(0)}).run(
+            jax.random.key(0)
+        ),
+        lambda: lmppl.infer.Exact(program).run(None),
+        lambda: numpyro.handlers.trace(seeded).get_trace(),
+        lambda: numpyro.infer.util.log_density(program, (), {}, {"s": sample}),
+        lambda: numpyro.infer.Predictive(program, num_samples=2)(jax.random.key(0)),
+    ):
+        one_line_error(call, match)
+
+
+def test_step_factor_of_the_wrong_width_is_refused():
+    def program():
+        s = numpyro.sample("s", lmppl.LM(LM, "a", STEPS))
+        potentials.banned_tokens("no_b", s, [3], vocab_size=4, eos_token_id=LM.eos_token_id)
+
+    one_line_error(
+        lambda: lmppl.infer.SMC(program, 4).run(jax.random.key(0)),
+        r"per-step potential 'no_b' returns 4 log-weights per step but the LM site 's' "
+        r"\(table-5\) has a vocabulary of 5",
+    )
+
+
+def test_token_beyond_the_potential_width_has_weight_zero():
+    """Without a trace to find the model in (a bare seed), a token the potential does not
+    cover gets log m = −inf, never the weight of another token (JAX clamps indices)."""
+    automaton = potentials.regex("(ab)+", SMALLER_TOKENIZER)  # ids 0..3: <s> </s> a b
+
+    def program(tokens):
+        return potentials.constrain("pattern", tokens, automaton)
+
+    a, b = 2, 3
+    inside = numpyro.handlers.seed(program, 0)(jnp.asarray([a, b, 1, 1]))
+    beyond = numpyro.handlers.seed(program, 0)(jnp.asarray([a, b, a, 4]))
+    assert float(inside) == 0.0
+    assert np.isneginf(float(beyond))

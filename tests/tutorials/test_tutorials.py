@@ -47,6 +47,8 @@ def test_tutorial_runs(path: Path, tmp_path: Path, monkeypatch):
     # command "python" by sys.executable, and PATH leads with the venv's bin as well.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # Notebooks written for a real model (07: SmolLM2) switch to a tiny random one.
+    monkeypatch.setenv("LMPPL_TUTORIAL_SIZE", "tiny")
     client = nbclient.NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT,
