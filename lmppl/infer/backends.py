@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import jax
@@ -173,6 +174,27 @@ def runs_per_call(structure: ProgramStructure, num_particles: int) -> int:
     :data:`MEMORY_BUDGET_BYTES`) in one call, by :func:`run_bytes`; at least one."""
     budget = int(os.environ.get("LMPPL_MEMORY_BUDGET", MEMORY_BUDGET_BYTES))
     return max(1, budget // max(run_bytes(structure, num_particles), 1))
+
+
+@contextmanager
+def _explaining_out_of_memory(
+    backend: str, structure: ProgramStructure, num_particles: int, num_runs: int
+) -> Iterator[None]:
+    """Turn XLA's ``RESOURCE_EXHAUSTED`` into a one-line :class:`MemoryError` that names the
+    particles and runs and says what to change."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        text = str(error)
+        if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+            raise
+        per_call = min(num_runs, runs_per_call(structure, num_particles))
+        estimate = per_call * run_bytes(structure, num_particles) / 1024**3
+        raise MemoryError(
+            f"{backend}: out of memory with {num_particles} particles x {num_runs} run(s), "
+            f"{per_call} per call (about {estimate:.1f} GiB by lmppl's estimate); use fewer "
+            "particles, or set LMPPL_MEMORY_BUDGET (bytes) lower to run fewer runs per call"
+        ) from None
 
 
 class _JittedSweep:
@@ -345,7 +367,8 @@ class SMC:
         rng_key = _check_key(rng_key)
         structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
         model_params = structure.model_params()
-        output = jitted(rng_key, model_params, twist_params, arrays, None)
+        with _explaining_out_of_memory(self.name, structure, self.num_particles, 1):
+            output = jitted(rng_key, model_params, twist_params, arrays, None)
         check_output(output, self.name)
         site = structure.lm_site
         samples = {site.name: output.tokens, **output.latent_values}
@@ -427,7 +450,8 @@ class SMC:
             references = None
             many = self._runs(compiled, conditional=False)
         structure, _, arrays, twist_params = compiled
-        outputs = many(keys, structure.model_params(), twist_params, arrays, references)
+        with _explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
+            outputs = many(keys, structure.model_params(), twist_params, arrays, references)
         check_output(outputs, self.name)
         return outputs.log_marginal
 
@@ -456,7 +480,8 @@ class SMC:
             raise ValueError("references must be token ids (non-negative)")
         keys = jax.random.split(rng_key, references.shape[0])
         many = self._runs(CompiledProgram(structure, jitted, arrays, twist_params), True)
-        outputs = many(keys, structure.model_params(), twist_params, arrays, references)
+        with _explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
+            outputs = many(keys, structure.model_params(), twist_params, arrays, references)
         check_output(outputs, self.name, conditional=True)
         return outputs.log_marginal
 

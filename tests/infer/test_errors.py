@@ -122,3 +122,45 @@ def test_unknown_resampler():
 def test_run_needs_a_key():
     with pytest.raises(TypeError, match="JAX random key"):
         lmppl.infer.SMC(lambda: None, 4).run(0)
+
+
+@pytest.mark.parametrize("method", ["run", "log_marginals"])
+def test_out_of_memory_names_particles_and_runs(method, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED becomes one line naming N and the runs, and what to change."""
+    lm = table_lm(("a", "b"), context_length=8, seed=0)
+
+    def program():
+        numpyro.sample("s", lmppl.LM(lm, "a", 2))
+
+    sampler = lmppl.infer.SMC(program, 8)
+    compiled = sampler.compile()
+
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."
+        )
+
+    monkeypatch.setattr(compiled.sweep, "advance", exhausted)
+    monkeypatch.setattr(lmppl.infer.backends._JittedSweep, "vmapped", lambda self, **kw: exhausted)
+    with pytest.raises(MemoryError, match=r"8 particles x (1|3) run\(s\).*LMPPL_MEMORY_BUDGET"):
+        if method == "run":
+            sampler.run(jax.random.key(0))
+        else:
+            sampler.log_marginals(jax.random.key(0), 3)
+
+
+def test_other_runtime_errors_pass_through_unchanged(monkeypatch):
+    lm = table_lm(("a", "b"), context_length=8, seed=0)
+
+    def program():
+        numpyro.sample("s", lmppl.LM(lm, "a", 2))
+
+    sampler = lmppl.infer.SMC(program, 8)
+    compiled = sampler.compile()
+
+    def broken(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(compiled.sweep, "advance", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        sampler.run(jax.random.key(0))
