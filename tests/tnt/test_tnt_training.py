@@ -67,8 +67,11 @@ def test_training_lowers_prevalence_and_approaches_the_minimal_update(loss):
     after, kl_after = exact_prevalence(lm_new), exact_kl_to_target(lm_new)
     print(loss, "prevalence", before, "->", after, "KL(σ‖p)", kl_before, "->", kl_after)
     assert after < 0.5 * before
-    if loss == "tnff":  # forward KL keeps p_o's mass elsewhere: closer to σ than p_o is
-        assert kl_after < 0.8 * kl_before
+    # Not asserted: that TNFF ends closer to σ = p_o·1[clean]/Z than p_o is. At these
+    # settings (60 steps, lr 1e-2) it depends on the data sample: KL(σ‖p) 0.110 before,
+    # after 0.066 / 0.129 / 0.245 / 0.286 for four 128-sequence samples and 0.205 for 512
+    # (prevalence 0.104 → 0.002–0.010 in all); it held for the sample this test drew
+    # before the token sampler changed, by luck.
     assert len(history["loss"]) == 60 and np.all(np.isfinite(history["loss"]))
     # the old model is untouched
     assert exact_prevalence(LM) == pytest.approx(before, abs=1e-7)
