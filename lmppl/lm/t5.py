@@ -1,4 +1,4 @@
-"""T5 / Flan-T5 (encoder-decoder) as a Flax NNX network -- work in progress (branch t5-wip).
+"""T5 / Flan-T5 (encoder-decoder) as a Flax NNX network, not yet reachable from ``lmppl.load``.
 
 The encoder runs once per source (:meth:`T5Network.start_cache`), which also computes every
 decoder layer's cross-attention keys and values; the decoder then follows the
