@@ -27,7 +27,14 @@ from jax.scipy.special import logsumexp
 from lmppl.decoding import force_rows, token_log_weights
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
-from lmppl.infer.program import ProgramError, ProgramStructure, discover, run_prefix, run_suffix
+from lmppl.infer.program import (
+    ProgramError,
+    ProgramStructure,
+    discover,
+    prefix_supports,
+    run_prefix_given,
+    run_suffix,
+)
 from lmppl.infer.result import InferenceResult
 from lmppl.infer.twist import TwistInputs
 
@@ -84,8 +91,9 @@ class Exact:
 
     ``run(rng_key, *args, **kwargs)`` returns an :class:`InferenceResult` whose particles
     are all sequences of the support, weighted by ``σ̃``: ``log_marginal`` is log Z exactly
-    and ``softmax(log_weights)`` is σ. The key is only used for latent sites after the LM
-    site (none are allowed before it, since they cannot be enumerated).
+    and ``softmax(log_weights)`` is σ. Discrete latent sites before the LM site (a persona,
+    a topic; anything with ``enumerate_support``) are enumerated jointly with the sequence:
+    ``σ̃(z, s) = p(z) p0(s | z) φ(s, z)``, and their values are among the samples.
     """
 
     name = "Exact"
@@ -99,16 +107,19 @@ class Exact:
         structure = discover(self.program, args, kwargs)
         site = structure.lm_site
         vocab, steps = site.model.vocab_size, site.max_new_tokens
-        count = vocab**steps
-        if count > self.max_sequences:
+        if structure.suffix_latent_sites:
             raise ProgramError(
-                f"Exact would enumerate {vocab}^{steps} = {count} sequences of site "
-                f"'{site.name}', more than max_sequences={self.max_sequences}"
+                "Exact enumerates the LM site and the discrete latent sites before it; the "
+                "program samples latent sites after it: " + ", ".join(structure.suffix_latent_sites)
             )
-        if structure.prefix_sites or structure.suffix_latent_sites:
+        supports = prefix_supports(structure, self.program, args, kwargs)
+        assignments = list(itertools.product(*(range(len(v)) for v in supports.values())))
+        count = vocab**steps * len(assignments)
+        if count > self.max_sequences:
+            sizes = "".join(f" × {len(v)} values of '{k}'" for k, v in supports.items())
             raise ProgramError(
-                "Exact enumerates the LM site only; the program has other latent sites: "
-                + ", ".join((*structure.prefix_sites, *structure.suffix_latent_sites))
+                f"Exact would enumerate {vocab}^{steps}{sizes} = {count} sequences of site "
+                f"'{site.name}', more than max_sequences={self.max_sequences}"
             )
         arrays, _, rebuild = split_arguments(args, kwargs)
         sequences = np.asarray(list(itertools.product(range(vocab), repeat=steps)), np.int32)
@@ -116,13 +127,14 @@ class Exact:
         lm_params = model_params[structure.lm_params_key]
 
         @jax.jit
-        def score(rng_key, model_params, arrays, chunk):
+        def score(rng_key, model_params, arrays, values, chunk):
             call_args, call_kwargs = rebuild(arrays)
-            _, prompt_tokens, prompt_length = run_prefix(
-                structure, self.program, call_args, call_kwargs, model_params, rng_key[None]
+            log_prior, prompt_tokens, prompt_length = run_prefix_given(
+                structure, self.program, call_args, call_kwargs, model_params, values
             )
             per_token = token_log_probs(structure, lm_params, prompt_tokens, prompt_length, chunk)
             keys = jax.random.split(rng_key, chunk.shape[0])
+            rows = jax.tree.map(lambda v: jnp.broadcast_to(v, (chunk.shape[0], *v.shape)), values)
             log_phi, site_log_probs, _ = run_suffix(
                 structure,
                 self.program,
@@ -130,22 +142,29 @@ class Exact:
                 call_kwargs,
                 model_params,
                 keys,
-                {},
+                rows,
                 chunk,
                 include_step_potentials=True,
             )
-            return per_token, log_phi, site_log_probs
+            return per_token, log_phi + log_prior, site_log_probs
 
         pieces = []
-        for start in range(0, count, self.chunk_size):
-            chunk = jnp.asarray(sequences[start : start + self.chunk_size])
-            pieces.append(jax.device_get(score(rng_key, model_params, arrays, chunk)))
+        latents: dict[str, list[np.ndarray]] = {name: [] for name in supports}
+        for assignment in assignments:
+            values = {k: v[i] for (k, v), i in zip(supports.items(), assignment, strict=True)}
+            for start in range(0, len(sequences), self.chunk_size):
+                chunk = jnp.asarray(sequences[start : start + self.chunk_size])
+                pieces.append(jax.device_get(score(rng_key, model_params, arrays, values, chunk)))
+                for name, value in values.items():
+                    latents[name].append(np.repeat(np.asarray(value)[None], len(chunk), axis=0))
         per_token = np.concatenate([p[0] for p in pieces])
         log_phi = np.concatenate([p[1] for p in pieces])
         site_log_probs = {
             name: np.concatenate([p[2][name] for p in pieces]) for name in pieces[0][2]
         }
-        return structure, sequences, per_token, log_phi, site_log_probs
+        all_sequences = np.tile(sequences, (len(assignments), 1))
+        prefix_values = {name: np.concatenate(parts) for name, parts in latents.items()}
+        return structure, all_sequences, per_token, log_phi, site_log_probs, prefix_values
 
     @reraising
     def run(self, rng_key: jax.Array | None = None, *args, **kwargs) -> InferenceResult:
@@ -155,7 +174,7 @@ class Exact:
         site), so ``rng_key`` may be None; it is taken first for parity with the backends.
         """
         rng_key = jax.random.key(0) if rng_key is None else rng_key  # seeds no random site
-        structure, sequences, per_token, log_phi, site_log_probs = self._enumerate(
+        structure, sequences, per_token, log_phi, site_log_probs, prefix_values = self._enumerate(
             rng_key, args, kwargs
         )
         for name, values in site_log_probs.items():
@@ -166,7 +185,10 @@ class Exact:
         log_target = log_p0 + log_phi
         site = structure.lm_site
         return InferenceResult(
-            samples={site.name: jnp.asarray(sequences[keep])},
+            samples={
+                site.name: jnp.asarray(sequences[keep]),
+                **{name: jnp.asarray(values[keep]) for name, values in prefix_values.items()},
+            },
             log_weights=jnp.asarray(log_target[keep]),
             log_marginal=logsumexp(jnp.asarray(log_target[keep])),
             log_potential=jnp.asarray(log_phi[keep]),
@@ -189,7 +211,12 @@ class Exact:
         ``ψ*_t`` covers the potentials of steps after t and φ.
         """
         rng_key = jax.random.key(0) if rng_key is None else rng_key
-        structure, sequences, per_token, log_phi, _ = self._enumerate(rng_key, args, kwargs)
+        structure, sequences, per_token, log_phi, _, _ = self._enumerate(rng_key, args, kwargs)
+        if structure.prefix_sites:
+            raise ProgramError(
+                "optimal_twist needs a program without latent sites before the LM site: "
+                + ", ".join(structure.prefix_sites)
+            )
         if structure.step_potentials:
             raise ProgramError(
                 "optimal_twist does not support per-step potentials yet: "

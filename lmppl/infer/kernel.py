@@ -65,6 +65,7 @@ from lmppl.infer.program import (
     ModelParams,
     ProgramError,
     ProgramStructure,
+    per_particle_prompt,
     run_prefix,
     run_suffix,
     step_potential_functions,
@@ -141,8 +142,9 @@ class ParticleState(NamedTuple):
       step_states: one state pytree per per-step potential (leaves ``[N, ...]``; ``()``
         for a stateless one), e.g. each particle's automaton state of a constraint.
       log_marginal: ``[]`` Σ of log mean weights over closed resampling epochs.
-      prompt_tokens: ``[P]`` the LM site's prompt (right-padded), shared by all particles.
-      prompt_length: ``[]`` int32 its real length.
+      prompt_tokens: ``[P]`` the LM site's prompt (right-padded), shared by all particles,
+        or ``[N, P]`` when it depends on a latent site sampled before the LM site.
+      prompt_length: ``[]`` (or ``[N]``) int32 its real length.
     """
 
     decode: DecodeState
@@ -316,15 +318,26 @@ def init(
     )
 
 
-def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
-    """Close the epoch (``log Ẑ += log mean W``) and gather every particle field."""
+def _gather_particles(state: ParticleState, ancestors: jax.Array) -> ParticleState:
+    """Every per-particle field of ``state`` gathered by ``ancestors`` (weights unchanged)."""
     gather = lambda tree: jax.tree.map(lambda x: gather_rows(x, ancestors), tree)
+    prompt_tokens, prompt_length = state.prompt_tokens, state.prompt_length
+    if per_particle_prompt(prompt_tokens):
+        prompt_tokens, prompt_length = gather((prompt_tokens, prompt_length))
     return state._replace(
         decode=reorder(state.decode, ancestors),
-        log_weights=jnp.zeros_like(state.log_weights),
         log_psi=gather(state.log_psi),
         prefix_values=gather(state.prefix_values),
         step_states=gather(state.step_states),
+        prompt_tokens=prompt_tokens,
+        prompt_length=prompt_length,
+    )
+
+
+def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
+    """Close the epoch (``log Ẑ += log mean W``) and gather every particle field."""
+    return _gather_particles(state, ancestors)._replace(
+        log_weights=jnp.zeros_like(state.log_weights),
         log_marginal=state.log_marginal + _log_mean_exp(state.log_weights),
     )
 
@@ -334,14 +347,8 @@ def _regroup(
 ) -> ParticleState:
     """Gather every particle field by ``ancestors`` and set the weights (word-level steps:
     ``log_weights`` already divided by the mean ``log_mean`` moved into log Ẑ)."""
-    gather = lambda tree: jax.tree.map(lambda x: gather_rows(x, ancestors), tree)
-    return state._replace(
-        decode=reorder(state.decode, ancestors),
-        log_weights=log_weights,
-        log_psi=gather(state.log_psi),
-        prefix_values=gather(state.prefix_values),
-        step_states=gather(state.step_states),
-        log_marginal=state.log_marginal + log_mean,
+    return _gather_particles(state, ancestors)._replace(
+        log_weights=log_weights, log_marginal=state.log_marginal + log_mean
     )
 
 

@@ -43,7 +43,10 @@ __all__ = [
     "StepPotential",
     "StepPotentialFunctions",
     "discover",
+    "per_particle_prompt",
+    "prefix_supports",
     "run_prefix",
+    "run_prefix_given",
     "run_suffix",
     "step_potential_functions",
 ]
@@ -296,8 +299,10 @@ def run_prefix(
 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """Run every particle's program up to the LM site.
 
-    Returns the prefix latent values ``{site: [N, ...]}`` and the LM site's prompt
-    ``tokens [P]`` and ``length []`` (shared by all particles).
+    Returns the prefix latent values ``{site: [N, ...]}`` and the LM site's prompt:
+    ``tokens [P]`` and ``length []`` when it is shared by all particles, or ``[N, P]`` and
+    ``[N]`` when it depends on a latent site sampled before it (a persona, a topic: each
+    particle then prefills its own prompt, see :func:`lmppl.decoding.prefill`).
     """
     swapped = _with_params(program, structure, model_params)
 
@@ -317,11 +322,69 @@ def run_prefix(
     except ValueError as error:
         if "out_axes" not in str(error):
             raise
-        raise ProgramError(
-            f"the prompt of the LM site '{structure.lm_site.name}' depends on a latent site "
-            f"sampled before it ({', '.join(structure.prefix_sites)}); lmppl needs one prompt "
-            "shared by all particles"
-        ) from None
+    # The prompt depends on a prefix latent: one prompt per particle.
+    return jax.vmap(one)(rng_keys)
+
+
+def per_particle_prompt(prompt_tokens: jax.Array) -> bool:
+    """Whether a prompt from :func:`run_prefix` is one per particle (``[N, P]``)."""
+    return prompt_tokens.ndim == 2
+
+
+def prefix_supports(
+    structure: ProgramStructure, program: Callable, args: tuple, kwargs: dict
+) -> dict[str, jax.Array]:
+    """``{site: values [K, ...]}``: the finite support of every latent site before the LM
+    site (for enumeration), read from one concrete run of the program up to that site.
+
+    Raises :class:`ProgramError` for a site without a finite support (``enumerate_support``).
+    """
+    marker = _FirstLatentLM(program, stop=True)
+    with handlers.trace() as trace:
+        try:
+            handlers.seed(marker, jax.random.key(0))(*args, **kwargs)
+        except _Stop:
+            pass
+    supports = {}
+    for name in structure.prefix_sites:
+        fn = trace[name]["fn"]
+        if not getattr(fn, "has_enumerate_support", False):
+            raise ProgramError(
+                f"the latent site '{name}' ({type(fn).__name__}) has no finite support to "
+                "enumerate; Exact enumerates discrete sites (Categorical, Bernoulli, ...) only"
+            )
+        if fn.batch_shape:
+            raise ProgramError(
+                f"the latent site '{name}' has batch shape {fn.batch_shape}; Exact enumerates "
+                "scalar discrete sites only"
+            )
+        supports[name] = fn.enumerate_support(expand=False)
+    return supports
+
+
+def run_prefix_given(
+    structure: ProgramStructure,
+    program: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_params: ModelParams,
+    values: dict[str, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The program up to the LM site with its prefix latents set to ``values`` (one value
+    per site): ``(log p(values), prompt tokens [P], prompt length [])``."""
+    swapped = _with_params(program, structure, model_params)
+    marker = _FirstLatentLM(handlers.substitute(swapped, data=values), stop=True)
+    with handlers.trace() as trace:
+        try:
+            handlers.seed(marker, jax.random.key(0))(*args, **kwargs)
+        except _Stop:
+            pass
+    log_prior = jnp.zeros((), jnp.float32)
+    for name in structure.prefix_sites:
+        msg = trace[name]
+        log_prior = log_prior + jnp.sum(msg["fn"].log_prob(msg["value"]))
+    fn = marker.site_message["fn"]
+    return log_prior, fn.prompt_tokens, fn.prompt_length
 
 
 def run_suffix(

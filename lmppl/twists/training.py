@@ -41,7 +41,7 @@ import optax
 
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
-from lmppl.infer.program import ProgramError, discover
+from lmppl.infer.program import ProgramError, discover, per_particle_prompt
 from lmppl.infer.resampling import effective_sample_size
 from lmppl.infer.sweep import SweepOptions, build_sweep
 from lmppl.training.loop import TrainingDiverged, run_training
@@ -143,6 +143,11 @@ def build_train_step(
         drawn = {}
         proposal = proposal_sweep(proposal_key, model_params, frozen, call_args, call_kwargs)
         prompt_tokens, prompt_length = proposal.prompt_tokens, proposal.prompt_length
+        if per_particle_prompt(prompt_tokens):
+            raise ProgramError(
+                f"the prompt of the LM site '{site.name}' depends on a latent site sampled "
+                "before it; twist training needs one prompt shared by all particles"
+            )
         drawn["proposal"] = (
             proposal.tokens,
             proposal.log_potential,

@@ -36,14 +36,20 @@ def prompt_and_tokens(
 ) -> jax.Array:
     """``[N, P + T]``: the prompt's ``L`` real tokens followed by ``tokens`` ``[N, T]``.
 
-    Positions ``>= L + T`` repeat the last token (never read through a causal mask).
+    The prompt is ``[P]`` with length ``[]`` (shared) or ``[N, P]`` with lengths ``[N]``
+    (one per particle). Positions ``>= L + T`` repeat the last token (never read through a
+    causal mask).
     """
     rows, steps = tokens.shape
     width = prompt_tokens.shape[-1]
     positions = jnp.arange(width + steps)
-    from_prompt = prompt_tokens[jnp.minimum(positions, width - 1)]
-    generated = tokens[:, jnp.clip(positions - prompt_length, 0, steps - 1)]
-    return jnp.where((positions < prompt_length)[None, :], from_prompt[None, :], generated)
+    prompts = jnp.broadcast_to(prompt_tokens, (rows, width))
+    lengths = jnp.broadcast_to(prompt_length, (rows,))[:, None]
+    from_prompt = prompts[:, jnp.minimum(positions, width - 1)]
+    generated = jnp.take_along_axis(
+        tokens, jnp.clip(positions[None, :] - lengths, 0, steps - 1), axis=1
+    )
+    return jnp.where(positions[None, :] < lengths, from_prompt, generated)
 
 
 class TransformerTwist(Twist):

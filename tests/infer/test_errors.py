@@ -102,15 +102,6 @@ def test_second_latent_lm_site_is_refused():
         lmppl.infer.SMC(program, 4).run(jax.random.key(0))
 
 
-def test_prompt_depending_on_latent_site_is_refused():
-    def program():
-        z = numpyro.sample("z", dist.Categorical(probs=jnp.ones(3) / 3))
-        numpyro.sample("s", lmppl.LM(LM, lmppl.concat([0], (z + 2)[None]), 2))
-
-    with pytest.raises(ValueError, match="depends on a latent site"):
-        lmppl.infer.SMC(program, 4).run(jax.random.key(0))
-
-
 def test_unknown_resampler():
     def program():
         numpyro.sample("s", lmppl.LM(LM, "a", 2))
