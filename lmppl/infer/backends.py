@@ -28,7 +28,7 @@ import numpy as np
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.boundaries import ResampleAt, check_resample_at
-from lmppl.infer.kernel import check_options
+from lmppl.infer.kernel import OBSERVED_LM_SCORING, check_options
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
 from lmppl.infer.result import InferenceResult
 from lmppl.infer.sweep import SweepOptions, SweepOutput, build_sweep
@@ -163,9 +163,13 @@ def run_bytes(structure: ProgramStructure, num_particles: int) -> int:
     ``2 · cache + 8 · N · V · 4`` bytes, an estimate that errs on the large side."""
     site = structure.lm_site
     model = site.model
-    length = min(model.context_length, site.prompt_width + site.max_new_tokens)
-    cache = jax.eval_shape(lambda: model.init_cache(1, length))
-    row_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    row_bytes = 0
+    others = (o.model for o in structure.observed_lms)
+    proposal = (structure.proposal,) if structure.proposal is not None else ()
+    for other in (model, *others, *proposal):
+        length = min(other.context_length, site.prompt_width + site.max_new_tokens)
+        cache = jax.eval_shape(lambda other=other, length=length: other.init_cache(1, length))
+        row_bytes += sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
     return num_particles * (2 * row_bytes + 8 * model.vocab_size * 4)
 
 
@@ -259,6 +263,18 @@ class SMC:
         among themselves; a predicate ``f(token_text) -> bool`` chooses other boundary
         tokens; ``None`` (default) resamples all particles at token positions. Exact (see
         :mod:`lmppl.infer.boundaries`).
+      observed_lms: how an observed LM site over the sampled sequence itself
+        (``numpyro.sample("y", LM(other, prompt2, T), obs=s)``: product of experts, prompt
+        intersection) is scored: ``"per_step"`` (default) as a per-step potential with its
+        own KV cache (the proposal is ``∝ p0 · p_other`` token by token and the weights
+        see it as it goes), ``"at_end"`` once in φ. Both are exact; per step has the lower
+        variance.
+      proposal: a second language model (a small draft model, same vocabulary) that
+        proposes the tokens instead of p0: ``q_t ∝ p_draft · Π m_t · ψ_t`` and each token's
+        ``p0 / p_draft`` joins its weight, so the target and Ẑ are unchanged; each model
+        keeps its own KV cache. p0 still scores every token (its step runs too), so a
+        draft buys a better-shaped proposal (e.g. a model tuned toward φ), not fewer
+        target steps; ``benchmarks/RESULTS.md`` compares the cost per effective sample.
     """
 
     name = "SMC"
@@ -273,6 +289,8 @@ class SMC:
         mesh: Any = None,
         resample_every: int = 1,
         resample_at: ResampleAt = None,
+        observed_lms: str = "per_step",
+        proposal: Any = None,
     ):
         if not callable(program):
             raise TypeError(
@@ -291,6 +309,19 @@ class SMC:
             raise ValueError(f"resample_every must be a positive integer, got {resample_every}")
         self.resample_every = int(resample_every)
         self.resample_at = check_resample_at(resample_at)
+        if observed_lms not in OBSERVED_LM_SCORING:
+            raise ValueError(
+                f"observed_lms must be one of {OBSERVED_LM_SCORING}, got {observed_lms!r}"
+            )
+        self.observed_lms = observed_lms
+        if proposal is not None and not (
+            hasattr(proposal, "apply") and hasattr(proposal, "init_cache")
+        ):
+            raise TypeError(
+                "proposal must be a loaded language model (lmppl.load), got "
+                f"{type(proposal).__name__}"
+            )
+        self.proposal = proposal
         self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
         self._batched: dict[Callable, Callable] = {}
 
@@ -330,6 +361,7 @@ class SMC:
             conditional=conditional,
             resample_every=self.resample_every,
             resample_at=self.resample_at,
+            observed_lms=self.observed_lms,
         )
 
     def compile(self, *args, conditional: bool = False, **kwargs) -> CompiledProgram:
@@ -343,7 +375,7 @@ class SMC:
         arrays, static_key, rebuild = split_arguments(args, kwargs)
         entry = self._compiled.get((static_key, conditional))
         if entry is None:
-            structure = discover(self.program, args, kwargs)
+            structure = discover(self.program, args, kwargs).with_proposal(self.proposal)
             twist = self._twist_for(structure)
             twist_apply = split_twist(twist)[0] if twist is not None else None
             sweep = build_sweep(
@@ -487,12 +519,29 @@ class SMC:
 
 
 class ImportanceSampling(SMC):
-    """Sequential importance sampling with p0 as proposal (SMC that never resamples)."""
+    """Sequential importance sampling (SMC that never resamples), with p0 as proposal or
+    ``proposal``, a second language model over the same vocabulary; ``observed_lms`` as
+    :class:`SMC`."""
 
     name = "ImportanceSampling"
 
-    def __init__(self, program: Callable, num_particles: int, *, mesh: Any = None):
-        super().__init__(program, num_particles, ess_threshold=None, mesh=mesh)
+    def __init__(
+        self,
+        program: Callable,
+        num_particles: int,
+        *,
+        mesh: Any = None,
+        proposal: Any = None,
+        observed_lms: str = "per_step",
+    ):
+        super().__init__(
+            program,
+            num_particles,
+            ess_threshold=None,
+            mesh=mesh,
+            proposal=proposal,
+            observed_lms=observed_lms,
+        )
 
 
 class TwistedSMC(SMC):
@@ -502,7 +551,8 @@ class TwistedSMC(SMC):
       twists: ``{lm_site_name: twist}`` with a twist as in :mod:`lmppl.infer.twist`
         (a callable, or an object with ``params`` and ``apply``). An untrained twist
         (log ψ ≡ 0) makes this bootstrap SMC.
-      resampling, ess_threshold, mesh, resample_every, resample_at: as :class:`SMC`
+      resampling, ess_threshold, mesh, resample_every, resample_at, observed_lms, proposal:
+        as :class:`SMC` (with a proposal model, ``q_t ∝ p_draft · ψ_t``)
         (default: resample every step, as in the paper).
       twist_condition: ``f(*args, **kwargs) -> pytree`` computed from the program's
         arguments and handed to the twist as ``TwistInputs.condition`` (e.g. the observed
@@ -523,6 +573,8 @@ class TwistedSMC(SMC):
         twist_condition: Callable[..., Any] | None = None,
         resample_every: int = 1,
         resample_at: ResampleAt = None,
+        observed_lms: str = "per_step",
+        proposal: Any = None,
     ):
         super().__init__(
             program,
@@ -532,6 +584,8 @@ class TwistedSMC(SMC):
             mesh=mesh,
             resample_every=resample_every,
             resample_at=resample_at,
+            observed_lms=observed_lms,
+            proposal=proposal,
         )
         if not isinstance(twists, dict) or not twists:
             raise ValueError("twists must be a dict {lm_site_name: twist}")

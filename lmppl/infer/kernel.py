@@ -65,6 +65,7 @@ from lmppl.infer.program import (
     ModelParams,
     ProgramError,
     ProgramStructure,
+    observed_lm_prompts,
     per_particle_prompt,
     run_prefix,
     run_suffix,
@@ -77,6 +78,7 @@ from lmppl.lm.base import gather_rows
 from lmppl.token_sampler import sample_categorical
 
 __all__ = [
+    "OBSERVED_LM_SCORING",
     "BoundProgram",
     "ParticleState",
     "StepInfo",
@@ -109,6 +111,11 @@ class SweepOptions:
         predicate on a token's text: resample only the particles whose next token starts
         a new word (or satisfies the predicate), among themselves
         (:mod:`lmppl.infer.boundaries`); ``resample_every`` still gates the steps.
+      observed_lms: ``"per_step"`` (default): observed LM sites over the latent sequence
+        (:class:`~lmppl.infer.program.ObservedLMSite`, e.g. a second prompt it must also
+        fit) are per-step potentials ``log m_t(v) = log p_other(v | s_<t)``, each with its
+        own KV cache, so the proposal and the weights see them token by token;
+        ``"at_end"`` scores them once in φ, like any other observed site.
     """
 
     num_particles: int
@@ -118,6 +125,10 @@ class SweepOptions:
     conditional: bool = False
     resample_every: int = 1
     resample_at: ResampleAt = None
+    observed_lms: str = "per_step"
+
+
+OBSERVED_LM_SCORING = ("per_step", "at_end")
 
 
 class BoundProgram(NamedTuple):
@@ -145,6 +156,11 @@ class ParticleState(NamedTuple):
       prompt_tokens: ``[P]`` the LM site's prompt (right-padded), shared by all particles,
         or ``[N, P]`` when it depends on a latent site sampled before the LM site.
       prompt_length: ``[]`` (or ``[N]``) int32 its real length.
+      observers: one :class:`~lmppl.decoding.DecodeState` per observed LM site scored per
+        step (``SweepOptions.observed_lms``), rows gathered with the particles.
+      observed_log_probs: ``[N]`` per such site: its log-probability of the prefix so far.
+      proposals: ``(DecodeState,)`` of the proposal model when one proposes the tokens
+        (``ProgramStructure.proposal``), else ``()``.
     """
 
     decode: DecodeState
@@ -155,6 +171,9 @@ class ParticleState(NamedTuple):
     log_marginal: jax.Array
     prompt_tokens: jax.Array
     prompt_length: jax.Array
+    observers: tuple = ()
+    observed_log_probs: tuple = ()
+    proposals: tuple = ()
 
 
 class StepInfo(NamedTuple):
@@ -245,12 +264,26 @@ def _lm_params(structure: ProgramStructure, model_params: ModelParams) -> Any:
     return model_params[structure.lm_params_key]
 
 
+def _scored_observers(structure: ProgramStructure, options: SweepOptions) -> tuple:
+    """The observed LM sites the kernel scores token by token under ``options``."""
+    return structure.observed_lms if options.observed_lms == "per_step" else ()
+
+
 def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
     """Refuse settings the kernel cannot run exactly (one-line :class:`ProgramError`)."""
     every = options.resample_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ProgramError(f"resample_every must be a positive integer, got {every!r}")
     check_resample_at(options.resample_at)
+    if structure.proposal is not None and options.resample_at is not None:
+        raise ProgramError(
+            "word-level steps (resample_at) with a proposal model are not supported: the "
+            "proposal's weights depend on the token drawn after the boundary is"
+        )
+    if options.observed_lms not in OBSERVED_LM_SCORING:
+        raise ProgramError(
+            f"observed_lms must be one of {OBSERVED_LM_SCORING}, got {options.observed_lms!r}"
+        )
     if not options.conditional:
         return
     if structure.prefix_sites:
@@ -272,12 +305,17 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
 
 
 def init(
-    rng_key: jax.Array, target: BoundProgram, model_params: ModelParams, num_particles: int
+    rng_key: jax.Array,
+    target: BoundProgram,
+    model_params: ModelParams,
+    num_particles: int,
+    options: SweepOptions | None = None,
 ) -> ParticleState:
     """Run every particle's program up to the LM site and prefill its prompt once.
 
     ``rng_key`` is split into one key per particle for the latent sites sampled before the
-    LM site (their values are carried by each particle).
+    LM site (their values are carried by each particle). The observed LM sites scored per
+    step (``options.observed_lms``) get their own prefilled caches.
     """
     structure = target.structure
     site = structure.lm_site
@@ -306,15 +344,54 @@ def init(
         num_particles,
         site.max_new_tokens,
     )
+    observers = []
+    scored = _scored_observers(structure, options or SweepOptions(num_particles))
+    if scored:
+        prompts = observed_lm_prompts(
+            structure,
+            target.program,
+            target.args,
+            target.kwargs,
+            model_params,
+            prefix_values,
+            num_particles,
+        )
+        for observed, prompt in zip(scored, prompts, strict=True):
+            observers.append(
+                prefill(
+                    observed.model,
+                    structure.params_of(model_params, observed.model),
+                    prompt.tokens,
+                    prompt.length,
+                    num_particles,
+                    site.max_new_tokens,
+                )
+            )
+    proposals = ()
+    if structure.proposal is not None:
+        proposals = (
+            prefill(
+                structure.proposal,
+                structure.params_of(model_params, structure.proposal),
+                prompt_tokens,
+                prompt_length,
+                num_particles,
+                site.max_new_tokens,
+            ),
+        )
+    zeros = jnp.zeros((num_particles,), jnp.float32)
     return ParticleState(
         decode=decode,
-        log_weights=jnp.zeros((num_particles,), jnp.float32),
-        log_psi=jnp.zeros((num_particles,), jnp.float32),
+        log_weights=zeros,
+        log_psi=zeros,
         prefix_values=prefix_values,
         step_states=step_states,
         log_marginal=jnp.zeros((), jnp.float32),
         prompt_tokens=prompt_tokens,
         prompt_length=prompt_length,
+        observers=tuple(observers),
+        observed_log_probs=tuple(zeros for _ in observers),
+        proposals=proposals,
     )
 
 
@@ -331,6 +408,9 @@ def _gather_particles(state: ParticleState, ancestors: jax.Array) -> ParticleSta
         step_states=gather(state.step_states),
         prompt_tokens=prompt_tokens,
         prompt_length=prompt_length,
+        observers=tuple(reorder(observer, ancestors) for observer in state.observers),
+        observed_log_probs=gather(state.observed_log_probs),
+        proposals=tuple(reorder(proposal, ancestors) for proposal in state.proposals),
     )
 
 
@@ -390,6 +470,11 @@ def build_kernel(
     if step_functions is not None:
         step_log_weights = jax.vmap(step_functions.log_weights, in_axes=(0, 0, 0, None))
         step_update = jax.vmap(step_functions.update, in_axes=(0, 0, 0, None))
+    drafter = structure.proposal
+    if drafter is not None:
+        draft_params = structure.params_of(model_params, drafter)
+    scored = _scored_observers(structure, options)
+    observer_params = tuple(structure.params_of(model_params, o.model) for o in scored)
     word_level = options.resample_at is not None and threshold is not None
     if word_level:
         boundary = jnp.asarray(
@@ -431,6 +516,14 @@ def build_kernel(
             potentials = step_log_weights(
                 state.prefix_values, state.step_states, state.decode.tokens, t
             )
+        observed = tuple(  # the observed LM sites' log m_t(v) = scale · log p_other(v | s_<t)
+            next_token_log_weights(o.model, observer.logits, o.temperature)
+            for o, observer in zip(scored, state.observers, strict=True)
+        )
+        observed = tuple(
+            x if o.scale == 1.0 else o.scale * x for o, x in zip(scored, observed, strict=True)
+        )
+        potentials = (*potentials, *observed)
         log_psi_next = None
         twist_scale = jnp.zeros((), jnp.float32)
         if twist_apply is not None:
@@ -444,9 +537,13 @@ def build_kernel(
             )
             log_psi_next = twist_apply(twist_params, inputs).astype(jnp.float32)
             twist_scale = _twist_scale(log_psi_next)
-        log_q, increment = propose(
-            log_p0, potentials, log_psi_next, state.log_psi, normalised=normalised
-        )
+        if drafter is None:
+            log_q, increment = propose(
+                log_p0, potentials, log_psi_next, state.log_psi, normalised=normalised
+            )
+        else:  # q_t ∝ p_draft · Π m · ψ_t; the token's p0 / p_draft joins the weight below
+            log_draft = next_token_log_weights(drafter, state.proposals[0].logits, site.temperature)
+            log_q, increment = propose(log_draft, potentials, log_psi_next, state.log_psi)
         if word_level:
             boundary_key, resample_key = jax.random.split(resample_key)
             at_boundary, _ = draw_boundaries(boundary_key, log_q, boundary)
@@ -493,6 +590,9 @@ def build_kernel(
         if options.conditional:
             assert reference is not None, "a conditional sweep needs its reference [T]"
             token = token.at[0].set(jnp.where(reference[t] >= 0, reference[t], token[0]))
+        if drafter is not None:
+            at_token = lambda x: jnp.take_along_axis(x, token[:, None], axis=1)[:, 0]
+            increment = increment + (at_token(log_p0) - at_token(log_draft))
         new_log_psi = (
             jnp.take_along_axis(log_psi_next, token[:, None], axis=1)[:, 0]
             if log_psi_next is not None
@@ -512,11 +612,27 @@ def build_kernel(
                     new_step_states,
                     state.step_states,
                 )
+        chosen = tuple(
+            jnp.where(state.decode.done, 0.0, jnp.take_along_axis(x, token[:, None], axis=1)[:, 0])
+            for x in observed
+        )
         new_state = state._replace(
             decode=advance(model, lm_params, state.decode, token, eos),
             log_weights=state.log_weights + increment,
             log_psi=new_log_psi,
             step_states=new_step_states,
+            observers=tuple(
+                advance(o.model, params, observer, token, eos)
+                for o, params, observer in zip(
+                    scored, observer_params, state.observers, strict=True
+                )
+            ),
+            observed_log_probs=tuple(
+                total + x for total, x in zip(state.observed_log_probs, chosen, strict=True)
+            ),
+            proposals=tuple(
+                advance(drafter, draft_params, proposal, token, eos) for proposal in state.proposals
+            ),
         )
         new_state = _constrain(new_state, options.particle_sharding, num)
         info = StepInfo(ess, resampled, ancestors, new_state.log_weights, twist_scale)
@@ -535,11 +651,13 @@ def finalize(
     """Weight by the final potential and close the last epoch.
 
     ``log W^i += log φ(s^i) − log ψ_T(s^i)`` (φ: every observed site and factor except the
-    per-step potentials the kernel applied) and ``log Ẑ += log mean_i W^i``. ``rng_key`` is
+    per-step potentials and observed LM sites the kernel applied) and ``log Ẑ += log mean_i W^i``. ``rng_key`` is
     split into one key per particle for latent sites after the LM site; ``info`` holds the
     steps' :class:`StepInfo` stacked ``[T, ...]``.
     """
     num = state.log_weights.shape[0]
+    # The observed LM sites the kernel scored per step (it kept their log-probabilities).
+    scored = [o.name for o in target.structure.observed_lms][: len(state.observed_log_probs)]
     log_potential, site_log_probs, later = run_suffix(
         target.structure,
         target.program,
@@ -550,7 +668,9 @@ def finalize(
         state.prefix_values,
         state.decode.tokens,
         include_step_potentials=False,
+        scored=frozenset(scored),
     )
+    site_log_probs = {**site_log_probs, **dict(zip(scored, state.observed_log_probs, strict=True))}
     log_weights = jnp.where(
         jnp.isneginf(state.log_psi),
         -jnp.inf,

@@ -38,11 +38,15 @@ from lmppl.potentials import STEP_POTENTIAL_KEY
 __all__ = [
     "LMSite",
     "ModelParams",
+    "ObservedLMPrompt",
+    "ObservedLMSite",
     "ProgramError",
     "ProgramStructure",
     "StepPotential",
     "StepPotentialFunctions",
+    "check_proposal",
     "discover",
+    "observed_lm_prompts",
     "per_particle_prompt",
     "prefix_supports",
     "run_prefix",
@@ -75,6 +79,21 @@ class StepPotential:
 
     name: str
     eos_token_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservedLMSite:
+    """An observed LM site whose value is the latent LM site's sequence itself
+    (``numpyro.sample(name, LM(other, prompt2, T), obs=s)``): a second prompt or model
+    that must also find s likely (product of experts, prompt intersection). SMC scores it
+    token by token, ``log m_t(v) = scale · log p_other(v | prompt2, s_<t)`` (``scale`` from
+    ``numpyro.handlers.scale``, 1 without), instead of
+    once at the end (``SMC(observed_lms="at_end")`` keeps the end-of-sequence scoring)."""
+
+    name: str
+    model: LanguageModel
+    temperature: float
+    scale: float = 1.0
 
 
 ModelParams = dict[str, Any]
@@ -110,6 +129,8 @@ class ProgramStructure:
     deterministic_sites: tuple[str, ...]
     step_potentials: tuple[StepPotential, ...]
     models: tuple[LanguageModel, ...]
+    observed_lms: tuple[ObservedLMSite, ...] = ()
+    proposal: LanguageModel | None = None
 
     @property
     def model_keys(self) -> tuple[str, ...]:
@@ -133,10 +154,51 @@ class ProgramStructure:
                 return model_params[key]
         raise KeyError(f"{model.name} is not a model of this program")
 
+    def with_proposal(self, proposal: LanguageModel | None) -> ProgramStructure:
+        """This structure with a second language model proposing the LM site's tokens (its
+        parameters join :meth:`model_params`; see :func:`check_proposal`)."""
+        if proposal is None:
+            return self
+        check_proposal(self.lm_site, proposal)
+        models = self.models if proposal in self.models else (*self.models, proposal)
+        return dataclasses.replace(self, models=models, proposal=proposal)
+
     @property
     def lm_params_key(self) -> str:
         """The key of the latent LM site's model."""
         return self.model_keys[self.models.index(self.lm_site.model)]
+
+
+def check_proposal(site: LMSite, proposal: Any) -> None:
+    """Refuse a proposal model that cannot propose the site's tokens (one-line error)."""
+    if not hasattr(proposal, "apply") or not hasattr(proposal, "init_cache"):
+        raise TypeError(
+            f"proposal must be a loaded language model (lmppl.load), got {type(proposal).__name__}"
+        )
+    target = site.model
+    if proposal.vocab_size != target.vocab_size:
+        raise ProgramError(
+            f"the proposal {proposal.name} has a vocabulary of {proposal.vocab_size} tokens but "
+            f"the LM site '{site.name}' samples from {target.name} with {target.vocab_size}: "
+            "a proposal must share the target's vocabulary"
+        )
+    if proposal.eos_token_id != target.eos_token_id:
+        raise ProgramError(
+            f"the proposal {proposal.name} ends at token {proposal.eos_token_id} but "
+            f"{target.name} at {target.eos_token_id}: a proposal must share the target's "
+            "vocabulary"
+        )
+    if not proposal.locally_normalised:
+        raise ProgramError(
+            f"the proposal {proposal.name} has unnormalised logits; a proposal must be a "
+            "normalised next-token distribution"
+        )
+    width = site.prompt_width + site.max_new_tokens
+    if width > proposal.context_length:
+        raise ProgramError(
+            f"the prompt plus max_new_tokens ({width}) exceeds the proposal's context length "
+            f"{proposal.context_length}"
+        )
 
 
 class _Stop(Exception):
@@ -190,6 +252,33 @@ def _with_params(program, structure: ProgramStructure, model_params: ModelParams
     return _SwapParams(program, by_model)
 
 
+def _observed_lm_site(
+    name: str, msg: dict, lm_site: LMSite, suffix_latent: list[str]
+) -> ObservedLMSite | None:
+    """The :class:`ObservedLMSite` of an observed LM site over the latent sequence, or
+    None when it can only be scored at the end (a batched site, another EOS rule, or a
+    latent site sampled between the two). Refuses a model with another vocabulary."""
+    fn: LM = msg["fn"]
+    if fn.model.vocab_size != lm_site.model.vocab_size:
+        raise ProgramError(
+            f"the observed LM site '{name}' scores the tokens of '{lm_site.name}' with "
+            f"{fn.model.name} (vocabulary {fn.model.vocab_size}), but they are drawn from "
+            f"{lm_site.model.name} (vocabulary {lm_site.model.vocab_size}): the two models "
+            "must share one vocabulary"
+        )
+    if fn.max_new_tokens != lm_site.max_new_tokens:
+        raise ProgramError(
+            f"the observed LM site '{name}' has max_new_tokens={fn.max_new_tokens} but "
+            f"observes '{lm_site.name}', which has {lm_site.max_new_tokens}"
+        )
+    scale = 1.0 if msg.get("scale") is None else msg["scale"]
+    if not isinstance(scale, int | float):  # a traced scale: scored with φ at the end
+        return None
+    if fn.batch_shape or fn.eos_token_id != lm_site.eos_token_id or suffix_latent:
+        return None
+    return ObservedLMSite(name=name, model=fn.model, temperature=fn.temperature, scale=float(scale))
+
+
 def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
     """Trace ``program(*args, **kwargs)`` abstractly and describe its sequential target."""
     found: dict[str, Any] = {}
@@ -234,6 +323,7 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
     observed: list[str] = []
     deterministic: list[str] = []
     steps: list[StepPotential] = []
+    observed_lms: list[ObservedLMSite] = []
     models: list[LanguageModel] = []
     for index, (name, msg) in enumerate(trace.items()):
         if msg["type"] == "deterministic":
@@ -247,6 +337,10 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
             continue
         if msg["is_observed"]:
             observed.append(name)
+            if isinstance(msg["fn"], LM) and msg["value"] is site_message["value"]:
+                scored = _observed_lm_site(name, msg, lm_site, suffix_latent)
+                if scored is not None:
+                    observed_lms.append(scored)
             step = msg.get("infer", {}).get(STEP_POTENTIAL_KEY)
             if step is not None:
                 _, eos, sequence = step
@@ -286,6 +380,7 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
         deterministic_sites=tuple(deterministic),
         step_potentials=tuple(steps),
         models=tuple(models),
+        observed_lms=tuple(observed_lms),
     )
 
 
@@ -397,6 +492,7 @@ def run_suffix(
     prefix_values: dict[str, jax.Array],
     sequences: jax.Array,
     include_step_potentials: bool,
+    scored: frozenset[str] = frozenset(),
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
     """``log φ`` for each particle's sequence.
 
@@ -405,6 +501,8 @@ def run_suffix(
       prefix_values: ``{site: [N, ...]}`` from :func:`run_prefix`.
       sequences: ``[N, T]`` sampled tokens of the LM site.
       include_step_potentials: add per-step potentials (``False`` when SMC applied them).
+      scored: observed sites SMC already scored token by token (:class:`ObservedLMSite`):
+        neither evaluated nor added (their log-probabilities come from the sweep).
 
     Returns:
       ``log_phi [N]``, ``{site: [N]}`` summed log-probability of every observed site and
@@ -420,6 +518,8 @@ def run_suffix(
             handlers.seed(handlers.substitute(swapped, data=data), rng_key)(*args, **kwargs)
         site_log_probs = {}
         for name in structure.observed_sites:
+            if name in scored:
+                continue
             msg = trace[name]
             log_prob = jnp.sum(msg["fn"].log_prob(msg["value"]))
             if msg.get("scale") is not None:
@@ -435,6 +535,54 @@ def run_suffix(
         return log_phi, site_log_probs, later
 
     return jax.vmap(one)(rng_keys, prefix_values, sequences)
+
+
+class ObservedLMPrompt(NamedTuple):
+    """The prompt of an :class:`ObservedLMSite`: ``tokens [P]`` and ``length []`` shared
+    by all particles, or ``[N, P]`` and ``[N]``."""
+
+    tokens: jax.Array
+    length: jax.Array
+
+
+def observed_lm_prompts(
+    structure: ProgramStructure,
+    program: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_params: ModelParams,
+    prefix_values: dict[str, jax.Array],
+    num_particles: int,
+) -> tuple[ObservedLMPrompt, ...]:
+    """Each :class:`ObservedLMSite`'s prompt, read from every particle's program (with its
+    prefix values substituted and a placeholder for the LM site, up to the last such site;
+    :func:`discover` left sites after later latent sites to the end-of-sequence scoring)."""
+    if not structure.observed_lms:
+        return ()
+    swapped = _with_params(program, structure, model_params)
+    last = structure.observed_lms[-1].name
+
+    def one(values, _):
+        marker = _FirstLatentLM(handlers.substitute(swapped, data=values))
+        with handlers.trace() as trace:
+            try:
+                _StopAfter(marker, last)(*args, **kwargs)
+            except _Stop:
+                pass
+        return tuple(
+            ObservedLMPrompt(
+                trace[site.name]["fn"].prompt_tokens, trace[site.name]["fn"].prompt_length
+            )
+            for site in structure.observed_lms
+        )
+
+    index = jnp.arange(num_particles)
+    try:
+        return jax.vmap(one, out_axes=None)(prefix_values, index)
+    except ValueError as error:
+        if "out_axes" not in str(error):
+            raise
+    return jax.vmap(one)(prefix_values, index)  # prompts that depend on a prefix latent
 
 
 class _StopAfter(Messenger):

@@ -84,7 +84,7 @@ class Sweep:
         steps = self.structure.lm_site.max_new_tokens
         prefix_key, step_key, suffix_key = jax.random.split(rng_key, 3)
         target = self._target(args, kwargs)
-        state = init(prefix_key, target, model_params, num)
+        state = init(prefix_key, target, model_params, num, options)
         state = _constrain(state, options.particle_sharding, num)
         condition = (
             self.twist_condition(*args, **kwargs) if self.twist_condition is not None else None
@@ -99,8 +99,13 @@ class Sweep:
 
         keys = jax.random.split(step_key, steps)
         state, info = jax.lax.scan(scan_step, state, (jnp.arange(steps), keys))
-        slim = state.decode._replace(cache=None, logits=None, hidden=None)
-        return suffix_key, state._replace(decode=slim), info
+        slim = lambda d: d._replace(cache=None, logits=None, hidden=None)
+        state = state._replace(
+            decode=slim(state.decode),
+            observers=tuple(slim(o) for o in state.observers),
+            proposals=tuple(slim(o) for o in state.proposals),
+        )
+        return suffix_key, state, info
 
     def finish(self, suffix_key, model_params, args, kwargs, particles, info) -> SweepOutput:
         """The final potential and the closing of the last epoch (:func:`finalize`)."""

@@ -27,6 +27,7 @@ from lmppl.lm.tokenizers import (
     load_llama2c_tokenizer,
     tokenizer_from_gguf_metadata,
 )
+from lmppl.lm.truncate import truncated
 
 __all__ = [
     "FAMILIES",
@@ -60,5 +61,6 @@ __all__ = [
     "reorder_cache",
     "rope_frequencies",
     "table_lm",
+    "truncated",
     "tokenizer_from_gguf_metadata",
 ]

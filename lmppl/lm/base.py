@@ -195,10 +195,20 @@ class LanguageModel:
 
     def astype(self, dtype: Any) -> LanguageModel:
         """A copy whose floating-point parameters are cast to ``dtype`` (e.g. bfloat16)."""
-        other = object.__new__(LanguageModel)
-        other.__dict__.update(self.__dict__)
-        other.params = jax.tree.map(
-            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-            self.params,
+        return self.with_params(
+            jax.tree.map(
+                lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                self.params,
+            )
         )
+
+    def with_params(self, params: Any, name: str | None = None) -> LanguageModel:
+        """A copy of this model with other parameters (same structure; e.g. fine-tuned)."""
+        if jax.tree.structure(params) != jax.tree.structure(self.params):
+            raise ValueError(f"params do not have the structure of {self.name}'s parameters")
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.params = params
+        if name is not None:
+            other.name = name
         return other

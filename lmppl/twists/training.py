@@ -125,12 +125,15 @@ def build_train_step(
     proposal_sweep = build_sweep(
         structure,
         program,
-        SweepOptions(num_particles=num_particles, ess_threshold=None),
+        SweepOptions(num_particles=num_particles, ess_threshold=None, observed_lms="at_end"),
         twist.apply,
         twist_condition,
     )
     base_sweep = build_sweep(
-        structure, program, SweepOptions(num_particles=num_base, ess_threshold=None), None
+        structure,
+        program,
+        SweepOptions(num_particles=num_base, ess_threshold=None, observed_lms="at_end"),
+        None,
     )
 
     def step(params, opt_state, rng_key, model_params, arrays, targets=None):
