@@ -117,7 +117,9 @@ def _build_block(structure: ProgramStructure, sweep: Callable) -> Callable:
 
     chains = jax.vmap(one, in_axes=(0, 0, None, None, None))
 
-    def block(references, chain_keys, iterations, model_params, twist_params, arrays):
+    def block(
+        references, chain_keys, iterations, model_params, twist_params, arrays
+    ) -> tuple[jax.Array, _Draw]:
         def body(references, i):
             keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(chain_keys)
             return chains(references, keys, model_params, twist_params, arrays)
@@ -238,7 +240,7 @@ class ParticleGibbs:
         return np.ascontiguousarray(array, np.int32)
 
     @reraising
-    def _run(self, rng_key: Any, references: Any, args: tuple, kwargs: dict):
+    def _run(self, rng_key: Any, references: Any, args: tuple, kwargs: dict) -> ParticleGibbsResult:
         if not isinstance(rng_key, jax.Array):
             raise TypeError(
                 "run() takes a JAX random key first (jax.random.key(0)), "
@@ -456,7 +458,7 @@ class ParticleGibbsResult:
         names += [f"{name}_log_prob" for name in self.site_log_probs]
         return names
 
-    def to_arviz(self):
+    def to_arviz(self) -> Any:
         """``arviz.InferenceData`` with ``chain`` and ``draw`` dims.
 
         ``posterior``: the LM site's tokens (dim ``position``), deterministic sites, and the
@@ -503,7 +505,7 @@ class ParticleGibbsResult:
         sample_stats = xr.Dataset(stats, coords=coords, attrs=attrs)
         return az.InferenceData(posterior=posterior, sample_stats=sample_stats)
 
-    def summary(self, **kwargs):
+    def summary(self, **kwargs) -> Any:
         """``arviz.summary`` (means, R-hat, bulk / tail ESS over chains) of the scalar
         summaries (:meth:`scalar_names`) that vary across draws (a constant has no R-hat,
         e.g. ``length`` without EOS); ``kwargs`` go to ``arviz.summary``."""
