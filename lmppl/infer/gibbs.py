@@ -8,29 +8,37 @@ The state of a chain is one sequence ``s ∈ V^T`` of the LM site. One iteration
     j ~ Categorical(W)          # W^j ∝ final weights
     s <- x^j
 
-Conditional SMC is the law of the other N − 1 particles given that the reference
-``s`` is one of them with its whole ancestry (``a^0 = 0`` at every resampling,
-``a^i ~ iid Categorical(W)`` otherwise: multinomial resampling, or none). On the
-extended space of all particles and ancestors, the joint law "s ~ σ, then conditional
-SMC" is the law "unconditional SMC, then j ∝ W^j" (both are ``ψ(x) · W^j / Σ W``, up to
-the index of the reference), so drawing ``j`` from the final weights leaves σ invariant:
+Conditional SMC draws the other N − 1 particles given that the reference ``s`` is one of
+them with its whole ancestry (``a^0 = 0`` at every resampling, ``a^i ~ iid Categorical(W)``
+otherwise: multinomial resampling, or none). On the extended space of all particles,
+ancestors and an index j, the law "x^j ~ σ, the rest by conditional SMC" has density
+
+    π̃(x, j) = ψ(x) · (Ẑ(x) / Z) · W^j / Σ_i W^i        (ψ: the law of unconditional SMC)
+
+(Andrieu, Doucet & Holenstein 2010, Thm. 5; with multinomial resampling the particles are
+exchangeable, so clamping the reference at index 0 is the same kernel). One iteration is a
+two-block Gibbs sampler of π̃: the rest given x^j (conditional SMC), then j given x, whose
+conditional is ``W^j / Σ W``. Both steps leave π̃ invariant, hence its marginal σ:
 
     σ(s') = Σ_s σ(s) · P(s → s'),      σ(s) = p0(s) · φ(s) / Z.
 
-It holds for any N ≥ 2 (N = 1 never moves), with or without a twist ψ, with adaptive
-(ESS-triggered), block-level or word-level resampling and with per-step potentials, since
-all of them enter only through the weights. The chain is irreducible wherever the
-proposal covers σ's support (σ > 0 ⇒ q > 0), and then ergodic: draws converge to σ
-whatever the initial sequence (inside the support).
+It holds for any N ≥ 2 (N = 1 never moves) and every setting the conditional sweep
+accepts (:mod:`lmppl.infer.kernel`): a twist ψ_t, adaptive (ESS-triggered), block-level or
+word-level resampling, per-step potentials, EOS; they all enter only through the
+conditional sweep and its final weights (tests/infer/test_gibbs.py checks σ-invariance by
+a χ² test for resampling at every step, adaptive, word-level, and a twist with per-step
+potentials and EOS). With N ≥ 2 and a proposal that covers σ's support (σ > 0 ⇒ q > 0),
+one iteration can reach every sequence of the support, so the chain is ergodic: its draws
+converge to σ from any initial sequence of the support.
 
 Ancestor sampling (Lindsten, Jordan & Schön 2014) is not implemented: re-drawing the
 reference's ancestor at step t needs ``p0(s_t:T | x_<t^i) · φ`` of the reference's suffix
 after every other particle's prefix — a full re-scoring of the suffix by the LM for each
 particle and step (O(N · T²) forward passes per sweep), with the twist's backward weights
 as well. Without it, the early tokens of the reference mix slowly when the particles
-degenerate (all lineages coalesce into the reference's); :attr:`ParticleGibbsResult.update_rates`
-measures it (the fraction of iterations that changed each position): more particles or a
-better twist raise it.
+degenerate (all lineages coalesce into the reference's);
+:attr:`ParticleGibbsResult.update_rates` measures it (the fraction of iterations that
+changed each position): more particles or a better twist raise it.
 
 Not supported (one-line errors): latent sites sampled before the LM site (conditional SMC
 clamps the LM site only) or after it (they would be drawn afresh for the reference at
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -76,10 +85,24 @@ class _Draw(NamedTuple):
     ancestor: jax.Array  # [] j
     log_weight: jax.Array  # [] final log-weight of particle j
     reference_log_weight: jax.Array  # [] final log-weight of the clamped particle 0
+    reference_log_target: jax.Array  # [] log σ̃ of particle 0 (log p0 + every site's value)
     nan: jax.Array  # [] bool: NaN weights or site values in the sweep
 
 
-def _build_block(structure: ProgramStructure, sweep: Callable) -> Callable:
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The jitted block of each compiled sweep (a sampler's cached ``CompiledProgram.sweep``),
+shared by every :class:`ParticleGibbs` on that sampler; an entry lives as long as its sweep
+(the block holds it only weakly)."""
+
+
+def _block_for(structure: ProgramStructure, sweep: Callable) -> Callable:
+    block = _BLOCKS.get(sweep)
+    if block is None:
+        block = _BLOCKS[sweep] = _build_block(structure, weakref.ref(sweep))
+    return block
+
+
+def _build_block(structure: ProgramStructure, sweep_ref: weakref.ref) -> Callable:
     """``block(references [C, T], chain_keys [C], iterations [k], model_params,
     twist_params, arrays) -> (references, _Draw [k, C, ...])``, jitted: ``k`` iterations
     of every chain, a ``lax.scan`` over iterations of the sweep vmapped over chains.
@@ -91,26 +114,34 @@ def _build_block(structure: ProgramStructure, sweep: Callable) -> Callable:
 
     def one(reference, key, model_params, twist_params, arrays) -> tuple[jax.Array, _Draw]:
         sweep_key, pick_key = jax.random.split(key)
+        sweep = sweep_ref()
+        assert sweep is not None, "the compiled sweep outlives its jitted block"
         out = sweep(sweep_key, model_params, twist_params, arrays, reference)
         j = jax.random.categorical(pick_key, out.log_weights).astype(jnp.int32)
         new = out.tokens[j]
         lm_params = model_params[structure.lm_params_key]
+        # log p0 of the reference (particle 0) and of the new state, in one forward pass.
         per_token = token_log_probs(
-            structure, lm_params, out.prompt_tokens, out.prompt_length, new[None]
-        )
+            structure,
+            lm_params,
+            out.prompt_tokens,
+            out.prompt_length,
+            out.tokens[jnp.stack([0, j])],
+        ).sum(axis=1)
         nan = jnp.isnan(out.log_weights).any()
         for value in out.site_log_probs.values():
             nan = nan | jnp.isnan(value).any() | jnp.isposinf(value).any()
         draw = _Draw(
             tokens=new,
             log_marginal=out.log_marginal,
-            log_p0=jnp.sum(per_token),
+            log_p0=per_token[1],
             log_potential=out.log_potential[j],
             site_log_probs={k: v[j] for k, v in out.site_log_probs.items()},
             deterministic={k: v[j] for k, v in out.latent_values.items()},
             ancestor=j,
             log_weight=out.log_weights[j],
             reference_log_weight=out.log_weights[0],
+            reference_log_target=per_token[0] + sum(v[0] for v in out.site_log_probs.values()),
             nan=nan,
         )
         return new, draw
@@ -194,7 +225,6 @@ class ParticleGibbs:
             iterations_per_call = _positive_int("iterations_per_call", iterations_per_call)
         self.iterations_per_call = iterations_per_call
         self.progress = progress
-        self._blocks: dict[Any, Callable] = {}
 
     def __repr__(self) -> str:
         return (
@@ -261,16 +291,17 @@ class ParticleGibbs:
             start = np.full((self.num_chains, steps), -1, np.int32)
         else:
             start = self._references(references, structure)
-        block = self._blocks.get(sweep)
-        if block is None:
-            block = self._blocks[sweep] = _build_block(structure, sweep)
+        block = _block_for(structure, sweep)
         # One extra first iteration draws the initial states from unconditional SMC.
         count = self.num_iterations + int(from_smc)
         per_call = min(self.iterations_per_call or count, count)
         num_calls = math.ceil(count / per_call)
         group = min(self.num_chains, runs_per_call(structure, sampler.num_particles))
         num_groups = math.ceil(self.num_chains / group)
-        chain_keys = jax.random.split(rng_key, self.num_chains)
+        # Chain c's key is fold_in(rng_key, c): its draws do not depend on num_chains.
+        chain_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+            rng_key, jnp.arange(self.num_chains, dtype=jnp.uint32)
+        )
         model_params = structure.model_params()
         bar = None
         if self.progress and num_calls * num_groups > 1:
@@ -334,11 +365,14 @@ class ParticleGibbs:
                     "particle of weight zero; use more particles or give references (run_from)"
                 )
         else:
-            dead = np.flatnonzero(np.isneginf(draws.reference_log_weight[:, 0]))
-            if dead.size:
+            # A per-step potential's increment does not depend on the clamped token, so the
+            # reference's own weight can miss an m_t = 0: its log σ̃ is checked as well.
+            dead = np.isneginf(draws.reference_log_weight[:, 0])
+            dead |= ~(draws.reference_log_target[:, 0] > -np.inf)
+            if dead.any():
                 raise ValueError(
-                    f"{self.name}: the reference of chain {int(dead[0])} has weight zero "
-                    "(outside the support of σ, or its twist is zero there)"
+                    f"{self.name}: the reference of chain {int(np.flatnonzero(dead)[0])} has "
+                    "weight zero (outside the support of σ, or its twist is zero there)"
                 )
 
 
