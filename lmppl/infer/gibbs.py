@@ -367,11 +367,11 @@ class ParticleGibbs:
         else:
             # A per-step potential's increment does not depend on the clamped token, so the
             # reference's own weight can miss an m_t = 0: its log σ̃ is checked as well.
-            dead = np.isneginf(draws.reference_log_weight[:, 0])
-            dead |= ~(draws.reference_log_target[:, 0] > -np.inf)
-            if dead.any():
+            outside = np.isneginf(draws.reference_log_weight[:, 0])
+            outside |= ~(draws.reference_log_target[:, 0] > -np.inf)
+            if outside.any():
                 raise ValueError(
-                    f"{self.name}: the reference of chain {int(np.flatnonzero(dead)[0])} has "
+                    f"{self.name}: the reference of chain {int(np.flatnonzero(outside)[0])} has "
                     "weight zero (outside the support of σ, or its twist is zero there)"
                 )
 
