@@ -1,7 +1,9 @@
-"""Inference layer: the sequential-target compiler, resampling, IS / SMC / twisted SMC / exact."""
+"""Inference layer: the sequential-target compiler, resampling, IS / SMC / twisted SMC / exact,
+and particle Gibbs (iterated conditional SMC) over any of the SMC family."""
 
 from lmppl.infer.backends import SMC, ImportanceSampling, TwistedSMC
 from lmppl.infer.exact import Exact, ExactTwist
+from lmppl.infer.gibbs import ParticleGibbs, ParticleGibbsResult
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
 from lmppl.infer.resampling import (
     RESAMPLERS,
@@ -22,6 +24,8 @@ __all__ = [
     "ExactTwist",
     "ImportanceSampling",
     "InferenceResult",
+    "ParticleGibbs",
+    "ParticleGibbsResult",
     "ParametricTwist",
     "ProgramError",
     "ProgramStructure",
