@@ -161,6 +161,9 @@ class ParticleState(NamedTuple):
       observed_log_probs: ``[N]`` per such site: its log-probability of the prefix so far.
       proposals: ``(DecodeState,)`` of the proposal model when one proposes the tokens
         (``ProgramStructure.proposal``), else ``()``.
+      reference_alive: ``[]`` bool, conditional SMC: every clamped token so far had
+        positive proposal probability (a reference outside the support of σ, e.g. one a
+        per-step potential forbids, gets weight zero at the end, and the backends refuse it).
     """
 
     decode: DecodeState
@@ -174,6 +177,7 @@ class ParticleState(NamedTuple):
     observers: tuple = ()
     observed_log_probs: tuple = ()
     proposals: tuple = ()
+    reference_alive: Any = None
 
 
 class StepInfo(NamedTuple):
@@ -367,7 +371,7 @@ def init(
                     site.max_new_tokens,
                 )
             )
-    proposals = ()
+    proposals: tuple[DecodeState, ...] = ()
     if structure.proposal is not None:
         proposals = (
             prefill(
@@ -392,6 +396,7 @@ def init(
         observers=tuple(observers),
         observed_log_probs=tuple(zeros for _ in observers),
         proposals=proposals,
+        reference_alive=jnp.ones((), bool),
     )
 
 
@@ -590,6 +595,8 @@ def build_kernel(
         if options.conditional:
             assert reference is not None, "a conditional sweep needs its reference [T]"
             token = token.at[0].set(jnp.where(reference[t] >= 0, reference[t], token[0]))
+            possible = jnp.isfinite(log_q[0, token[0]]) | ~clamps(t) | state.decode.done[0]
+            state = state._replace(reference_alive=state.reference_alive & possible)
         if drafter is not None:
             at_token = lambda x: jnp.take_along_axis(x, token[:, None], axis=1)[:, 0]
             increment = increment + (at_token(log_p0) - at_token(log_draft))
@@ -631,7 +638,9 @@ def build_kernel(
                 total + x for total, x in zip(state.observed_log_probs, chosen, strict=True)
             ),
             proposals=tuple(
-                advance(drafter, draft_params, proposal, token, eos) for proposal in state.proposals
+                advance(drafter, draft_params, proposal, token, eos)
+                for proposal in state.proposals
+                if drafter is not None
             ),
         )
         new_state = _constrain(new_state, options.particle_sharding, num)
@@ -676,6 +685,10 @@ def finalize(
         -jnp.inf,
         state.log_weights + log_potential - state.log_psi,
     )
+    if state.reference_alive is not None:  # a clamped reference the proposal could not make
+        log_weights = log_weights.at[0].set(
+            jnp.where(state.reference_alive, log_weights[0], -jnp.inf)
+        )
     return SweepOutput(
         tokens=state.decode.tokens,
         log_weights=log_weights,

@@ -478,6 +478,7 @@ def run_prefix_given(
     for name in structure.prefix_sites:
         msg = trace[name]
         log_prior = log_prior + jnp.sum(msg["fn"].log_prob(msg["value"]))
+    assert marker.site_message is not None, "discover() found the LM site"
     fn = marker.site_message["fn"]
     return log_prior, fn.prompt_tokens, fn.prompt_length
 

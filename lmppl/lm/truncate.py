@@ -41,5 +41,5 @@ def truncated(lm: LanguageModel, num_layers: int) -> LanguageModel:
     setattr(
         network, blocks, type(getattr(network, blocks))(list(getattr(network, blocks))[:num_layers])
     )
-    network.config = config
+    network.config = config  # type: ignore[attr-defined]  # every lmppl network has one
     return LanguageModel(network, config, lm.tokenizer, f"{lm.name}[:{num_layers} layers]")

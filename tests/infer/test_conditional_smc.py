@@ -129,3 +129,20 @@ def test_unclamped_conditional_runs_are_the_plain_runs(ess_threshold):
     batched = np.asarray(sampler.log_marginals(key, 5))
     single = [float(sampler.run(k).log_marginal) for k in jax.random.split(key, 5)]
     np.testing.assert_allclose(batched, single, rtol=1e-6, atol=1e-6)
+
+
+def banning_c(ending=None):
+    s = numpyro.sample("s", lmppl.LM(LM_SMALL, "a", 3, stop_at_eos=False))
+    potentials.banned_tokens("no_c", s, [4], LM_SMALL.vocab_size)
+
+
+@pytest.mark.parametrize("proposal", [None, LM_SMALL], ids=["p0", "draft"])
+def test_reference_forbidden_by_a_step_potential_is_refused(proposal):
+    """A reference the per-step potential forbids is outside σ's support: its weight must
+    become zero (and the call refuse it), although the token-free increment of a clamped
+    step never sees the token (found by the particle-Gibbs work)."""
+    sampler = lmppl.infer.SMC(banning_c, 2, ess_threshold=1.0, proposal=proposal)
+    allowed = sampler.conditional_log_marginals(jax.random.key(0), jnp.array([[2, 3, 2]]))
+    assert np.isfinite(np.asarray(allowed)).all()
+    with pytest.raises(ValueError, match="reference 1 has weight zero"):
+        sampler.conditional_log_marginals(jax.random.key(0), jnp.array([[2, 3, 2], [2, 4, 3]]))
