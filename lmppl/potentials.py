@@ -126,9 +126,23 @@ def text_classifier(
     """``log p(target_class | text)`` from a host classifier's class probabilities.
 
     ``predict_proba`` maps a list of strings to an array ``[n, num_classes]`` (as
-    scikit-learn's ``predict_proba``; ``[n]`` is read as the probability of class 1).
+    scikit-learn's ``predict_proba``; ``[n]`` is read as the probability of class 1). It is
+    called once here on ``[""]`` to check ``target_class`` against its classes, so a bad
+    class fails in one line before any sweep is compiled.
     """
     label = name or getattr(predict_proba, "__name__", "predict_proba")
+    if (
+        isinstance(target_class, bool)
+        or not isinstance(target_class, int | np.integer)
+        or target_class < 0
+    ):
+        raise ValueError(f"target_class must be a non-negative integer, got {target_class!r}")
+    probe = np.asarray(predict_proba([""]))
+    classes = 2 if probe.ndim == 1 else int(probe.shape[-1])
+    if target_class >= classes:
+        raise ValueError(
+            f"target_class={target_class} but {label} has {classes} classes (0 to {classes - 1})"
+        )
 
     def score(texts: list[str]) -> np.ndarray:
         probs = np.asarray(predict_proba(texts), dtype=np.float64)

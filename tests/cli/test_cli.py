@@ -94,6 +94,14 @@ def test_unknown_option_of_a_models_task_lists_its_parameters(capsys):
     assert_one_line_error(err, "unknown option 'clas' for sentiment", "target_class=0")
 
 
+def test_a_class_the_classifier_does_not_have_fails_before_compiling(capsys):
+    """Issue #15 item 7: ``--set target_class=7`` used to surface from inside the compiled
+    sweep as a ``JaxRuntimeError``; the classifier is now probed when the task is built."""
+    code, _, err = run(capsys, "sample", "sentiment", "--set", "target_class=7")
+    assert code == 1
+    assert_one_line_error(err, "target_class=7", "sentiment has 5 classes")
+
+
 def test_runtime_errors_exit_1_with_one_line_and_traceback_on_request(capsys):
     code, _, err = run(capsys, "sample", f"{TINY}:no_lm")
     assert code == 1
