@@ -241,6 +241,11 @@ def read_gguf(
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError) as error:
+        if "cannot reshape" in str(error):  # the tensor data ends before its declared size
+            raise ValueError(
+                f"{name}: truncated GGUF file ({os.path.getsize(path)} bytes): its tensor data "
+                "ends before the sizes its header declares (an interrupted download or copy?)"
+            ) from None
         raise ValueError(f"{name}: not a readable GGUF file ({error})") from None
     metadata = read_gguf_metadata(reader)
     config = _config_from_metadata(metadata, name)

@@ -318,3 +318,15 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2):
     ]
     for text in texts:
         assert smollm2.tokenizer.encode(text) == reference.encode(text, add_special_tokens=True)
+
+
+@needs_stories
+def test_truncated_gguf_says_truncated(tmp_path):
+    """Issue #15 (smaller): a cut-off file said "cannot reshape array ..."."""
+    path = tmp_path / "stories260K.f32.gguf"
+    write_stories_gguf(path, {})
+    data = path.read_bytes()
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"short.gguf: truncated GGUF file \(\d+ bytes\)"):
+        read_gguf(short)
