@@ -24,6 +24,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("decode.py", "ratio lmppl/torch"),
         ("smc.py", "SMC / generate"),
         ("constraints.py", "constrained ms/token"),
+        ("composite.py", "work-normalised variance ratio"),
     ],
 )
 def test_benchmark_runs_quick(script: str, ratio_heading: str):

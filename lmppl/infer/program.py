@@ -564,12 +564,7 @@ def observed_lm_prompts(
     last = structure.observed_lms[-1].name
 
     def one(values, _):
-        marker = _FirstLatentLM(handlers.substitute(swapped, data=values))
-        with handlers.trace() as trace:
-            try:
-                _StopAfter(marker, last)(*args, **kwargs)
-            except _Stop:
-                pass
+        trace = _trace_through(swapped, values, last, args, kwargs)
         return tuple(
             ObservedLMPrompt(
                 trace[site.name]["fn"].prompt_tokens, trace[site.name]["fn"].prompt_length
@@ -596,6 +591,20 @@ class _StopAfter(Messenger):
     def postprocess_message(self, msg):
         if msg["name"] == self.name:
             raise _Stop
+
+
+def _trace_through(
+    program: Callable, prefix_values: dict, last: str, args: tuple, kwargs: dict
+) -> dict:
+    """The trace of one particle's program (its prefix values substituted, a placeholder
+    at the LM site) up to and including the site ``last``."""
+    marker = _FirstLatentLM(handlers.substitute(program, data=prefix_values))
+    with handlers.trace() as trace:
+        try:
+            _StopAfter(marker, last)(*args, **kwargs)
+        except _Stop:
+            pass
+    return trace
 
 
 class StepPotentialFunctions(NamedTuple):
@@ -636,12 +645,7 @@ def step_potential_functions(
     last = structure.step_potentials[-1].name
 
     def potentials(prefix_values) -> tuple:
-        marker = _FirstLatentLM(handlers.substitute(swapped, data=prefix_values))
-        with handlers.trace() as trace:
-            try:
-                _StopAfter(marker, last)(*args, **kwargs)
-            except _Stop:
-                pass
+        trace = _trace_through(swapped, prefix_values, last, args, kwargs)
         return tuple(
             trace[s.name]["infer"][STEP_POTENTIAL_KEY][0] for s in structure.step_potentials
         )
