@@ -22,6 +22,23 @@ bounds and KL are per condition, averaged over ``--conditions`` conditions.
 
     python inference/evaluate.py --task toxicity-classifier --small \\
         --twists inference/results/twists --out inference/results/toxicity-classifier
+
+``--kl-only`` computes the KL table alone (no bounds-vs-K sweep, which is compile-heavy).
+With ``--train-seeds 0 1 2 3 4`` it reads one twist per method and training seed from
+``<method>_<twist>/seed<k>/`` (``learn_twists.py --seeds``), computes each seed's KL (mean
+over ``--seeds`` evaluation batches) and reports the mean and a 95% Student-t interval
+over the training seeds, as in the paper's tables; ``kl_seeds.csv`` holds the per-seed
+values. log Z, shared by all rows and seeds (it is a property of the target), is
+
+* ``--log-z bounds`` (default): the midpoint of the tightest lower/upper pair among
+  SIS (p0) and twisted SMC with the first training seed's twist of each method, all at
+  K = max(``--particles``) (per condition for infilling), as the full evaluation does;
+* ``--log-z exact``: exact, by enumerating every sequence (``lmppl.infer.Exact``; only
+  for tiny V^T such as infilling-small, 512² sequences per ending).
+
+    python inference/evaluate.py --task infilling-small --small --kl-only --log-z exact \\
+        --train-seeds 0 1 2 3 4 --twists inference/results/kl_seeds/twists --no-train \\
+        --out inference/results/kl_seeds/infilling_T2_c1
 """
 
 from __future__ import annotations
@@ -58,7 +75,7 @@ from inference.learn_twists import (  # noqa: E402
 )
 from lmppl import evaluation, plots  # noqa: E402
 
-__all__ = ["gap_rows", "main", "write_report"]
+__all__ = ["gap_rows", "kl_over_seeds", "main", "write_kl_report", "write_report"]
 
 #: Evaluation defaults: (full, --small).
 EVAL_DEFAULTS = {
@@ -305,6 +322,254 @@ def write_report(
     return "\n".join(lines)
 
 
+def kl_label(method: str) -> str:
+    """The KL table's row name of a method's proposal."""
+    return "DPG proposal (twist-induced)" if method == "dpg" else f"twisted / {NAMES[method]}"
+
+
+def twisted_backend(task, twist):
+    """``(program, K) -> TwistedSMC`` with ``twist`` at the task's LM site."""
+    return lambda p, k: lmppl.infer.TwistedSMC(
+        p, k, twists={task.site: twist}, twist_condition=task.twist_condition
+    )
+
+
+def exact_log_z(task, exact, rng_key, max_sequences: int = 1 << 18) -> np.ndarray:
+    """``[C]`` exact log Z per condition (in ``group_by_condition`` order) by enumeration."""
+    conditions, _ = evaluation.group_by_condition(exact)
+    enumerate_ = lmppl.infer.Exact(task.program, max_sequences=max_sequences)
+    if conditions is None:
+        return np.array([float(enumerate_.run(rng_key, *task.args, **task.kwargs).log_marginal)])
+    values = []
+    for condition in tqdm(conditions, desc="log Z (enumeration)"):
+        call_args, call_kwargs = task.with_condition(condition)
+        values.append(float(enumerate_.run(rng_key, *call_args, **call_kwargs).log_marginal))
+    return np.asarray(values)
+
+
+def kl_over_seeds(
+    task,
+    twists: dict,
+    exact,
+    log_z: np.ndarray,
+    rng_key: jax.Array,
+    *,
+    num_samples: int,
+    batches: int,
+    train_seeds: list,
+    progress: bool = True,
+) -> tuple[list[dict], list[dict]]:
+    """The KL table over training seeds: ``(summary rows, per-seed rows)``.
+
+    ``twists[(method, seed)]`` is the twist of one training seed. Each seed's value is
+    ``kl_estimates`` averaged over ``batches`` evaluation batches (``num_samples`` draws of
+    q each); the summary is the mean with a 95% Student-t interval over the seeds. The p0
+    row has no training: it is evaluated once per seed index with a fresh key, so its
+    interval is evaluation noise only.
+    """
+    program = task.program
+    args_, kwargs_ = task.arguments_without_condition()
+    methods = list(dict.fromkeys(method for method, _ in twists))
+    proposals = [("p0 (no twist)", None, lmppl.infer.ImportanceSampling)]
+    proposals += [(kl_label(m), m, None) for m in methods]
+    per_seed, summary = [], []
+    bar = tqdm(total=len(proposals) * len(train_seeds), desc="KL", disable=not progress)
+    for index, (label, method, backend) in enumerate(proposals):
+        values = {"kl_q_sigma": [], "kl_sigma_q": []}
+        for position, seed in enumerate(train_seeds):
+            bar.set_postfix(proposal=label, seed=seed)
+            if method is not None:
+                backend = twisted_backend(task, twists[(method, seed)])
+            key = jax.random.fold_in(jax.random.fold_in(rng_key, index), position)
+            estimate = evaluation.kl_estimates(
+                program,
+                backend,
+                exact,
+                log_z,
+                key,
+                num_samples=num_samples,
+                num_seeds=batches,
+                args=args_,
+                kwargs=kwargs_,
+            )
+            values["kl_q_sigma"].append(estimate.kl_q_sigma.mean)
+            values["kl_sigma_q"].append(estimate.kl_sigma_q.mean)
+            per_seed.append(
+                {
+                    "proposal": label,
+                    "train_seed": "-" if method is None else ("single" if seed is None else seed),
+                    "eval_index": position,
+                    "kl_q_sigma": estimate.kl_q_sigma.mean,
+                    "kl_q_sigma_batch_half_width": estimate.kl_q_sigma.half_width,
+                    "kl_sigma_q": estimate.kl_sigma_q.mean,
+                    "kl_sigma_q_batch_half_width": estimate.kl_sigma_q.half_width,
+                }
+            )
+            bar.update()
+        if len(train_seeds) > 1:
+            q_sigma = evaluation.mean_interval(values["kl_q_sigma"])
+            sigma_q = evaluation.mean_interval(values["kl_sigma_q"])
+            over = "evaluation keys" if method is None else "training seeds"
+        else:  # one twist per method: the interval over evaluation batches, as before
+            q_sigma, sigma_q = estimate.kl_q_sigma, estimate.kl_sigma_q
+            over = "evaluation batches"
+        summary.append(
+            {
+                "proposal": label,
+                "kl_q_sigma": q_sigma.mean,
+                "kl_q_sigma_half_width": q_sigma.half_width,
+                "kl_sigma_q": sigma_q.mean,
+                "kl_sigma_q_half_width": sigma_q.half_width,
+                "seeds": len(train_seeds),
+                "interval_over": over,
+            }
+        )
+    bar.close()
+    return summary, per_seed
+
+
+def write_kl_report(
+    out: Path,
+    *,
+    command: str,
+    task,
+    settings: dict,
+    exact,
+    log_z: np.ndarray,
+    log_z_note: str,
+    summary: list[dict],
+    per_seed: list[dict],
+    twist_configs: dict,
+    seconds: float,
+    timings: dict | None = None,
+) -> str:
+    """``report.md`` of a ``--kl-only`` run (the KL table, per-seed values, settings)."""
+    seeds = sorted({str(row["train_seed"]) for row in per_seed if row["train_seed"] != "-"})
+    over = f"{len(seeds)} training seeds" if len(seeds) > 1 else "evaluation batches"
+    lines = [
+        f"# {task.name}: KL table over training seeds",
+        "",
+        f"Target: {task.description}. Produced by",
+        "",
+        f"    {command}",
+        "",
+        f"in {seconds:.0f} s ({jax.default_backend()}, jax {jax.__version__}"
+        + "".join(f"; {name} {value:.0f} s" for name, value in (timings or {}).items())
+        + ").",
+        "",
+        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".",
+        "",
+    ]
+    if task.conditional:
+        conditions, group = evaluation.group_by_condition(exact)
+        lines += [
+            f"Exact samples: {exact.num_samples} (sequence, ending) pairs drawn jointly from p0, "
+            f"{len(conditions)} distinct endings. log Z per ending ({log_z_note}):",
+            "",
+            "| ending | exact samples | log Z |",
+            "|---|---:|---:|",
+        ]
+        for index, condition in enumerate(conditions):
+            lines.append(
+                f"| {ending_text(task, condition)} | {int(np.sum(group == index))} | "
+                f"{log_z[index]:.3f} |"
+            )
+        lines.append("")
+    else:
+        lines += [
+            f"Exact samples: {exact.num_samples} by rejection from p0 (acceptance rate "
+            f"{exact.acceptance_rate:.4f}, {exact.num_draws} draws; log of the rate = "
+            f"{np.log(max(exact.acceptance_rate, 1e-300)):.3f} estimates log Z).",
+            "",
+            f"log Z = {float(log_z[0]):.3f} ({log_z_note}).",
+            "",
+        ]
+    lines += [
+        f"## KL divergences (mean ± 95% t-interval over {over}; lower is better)",
+        "",
+        "| proposal | KL(q‖σ) | KL(σ‖q) |",
+        "|---|---:|---:|",
+    ]
+    for row in summary:
+        mark = " ¹" if row["interval_over"] == "evaluation keys" else ""
+        lines.append(
+            f"| {row['proposal']}{mark} | {row['kl_q_sigma']:.3f} ± "
+            f"{row['kl_q_sigma_half_width']:.3f} | {row['kl_sigma_q']:.3f} ± "
+            f"{row['kl_sigma_q_half_width']:.3f} |"
+        )
+    lines += [
+        "",
+        *(
+            [
+                "¹ p0 has no training: its interval is over the same number of fresh "
+                "evaluation keys (evaluation noise only).",
+                "",
+            ]
+            if len(seeds) > 1
+            else []
+        ),
+        "Each seed's value is KL(q‖σ) = log Z − E_q[log σ̃/q] and KL(σ‖q) = E_σ[log σ̃/q] − "
+        "log Z (`lmppl.evaluation.kl_estimates`, averaged over its evaluation batches). "
+        "All seeds share the exact samples and log Z, so the intervals hold the training "
+        "seed and the draws of q, not the error of log Z or of the exact-sample pool.",
+        "",
+        "## Per seed",
+        "",
+        "| proposal | seed | KL(q‖σ) | KL(σ‖q) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in per_seed:
+        lines.append(
+            f"| {row['proposal']} | {row['train_seed']} | {row['kl_q_sigma']:.3f} ± "
+            f"{row['kl_q_sigma_batch_half_width']:.3f} | {row['kl_sigma_q']:.3f} ± "
+            f"{row['kl_sigma_q_batch_half_width']:.3f} |"
+        )
+    lines += ["", "(± here: 95% over the evaluation batches of that seed.)", ""]
+    if twist_configs:
+        lines += [
+            "## Twists",
+            "",
+            "| method | seed | twist | updates | N | lr | SIS ESS/N first → last tenth | "
+            "training s |",
+            "|---|---:|---|---:|---:|---:|---|---:|",
+        ]
+        for (method, seed), (config, history) in twist_configs.items():
+            tenth = max(1, len(history["ess"]) // 10)
+            first = float(np.mean(history["ess"][:tenth]))
+            last = float(np.mean(history["ess"][-tenth:]))
+            lines.append(
+                f"| {NAMES[method]} | {seed if seed is not None else config['seed']} | "
+                f"{config['twist']} | {config['steps']}"
+                + (
+                    f" × {config['conditions_per_step']}"
+                    if config["conditions_per_step"] > 1
+                    else ""
+                )
+                + f" | {config['particles']} | {config['lr']:g} | {first:.3f} → {last:.3f} | "
+                f"{config['seconds']:.0f} |"
+            )
+        commands = sorted({c["command"] for c, _ in twist_configs.values() if c.get("command")})
+        if commands:
+            lines += ["", "Twists trained by", ""] + [f"    {c}" for c in commands] + [""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def draw_exact(task, rng_key, count: int):
+    """Exact samples of σ: joint (condition, sample) pairs, or ``count`` by rejection."""
+    if task.conditional:
+        return task.exact_samples(rng_key, count)
+    with tqdm(total=count, desc="exact samples (rejection)") as bar:
+        return task.exact_samples(
+            rng_key,
+            count,
+            batch_size=512,
+            max_draws=2_000_000,
+            progress=lambda accepted, drawn: bar.update(min(accepted, count) - bar.n),
+        )
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -329,6 +594,24 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--small", action="store_true", help="minutes on 2 CPU cores")
     parser.add_argument(
+        "--kl-only", action="store_true", help="the KL table alone (no bounds-vs-K sweep)"
+    )
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --kl-only: twists of these training seeds (<method>_<twist>/seed<k>/), "
+        "KL mean and 95%% interval over them",
+    )
+    parser.add_argument(
+        "--log-z",
+        choices=("bounds", "exact"),
+        default="bounds",
+        help="with --kl-only: log Z from the tightest bound pair at the largest K, or exact "
+        "by enumeration (tiny V^T only)",
+    )
+    parser.add_argument(
         "--compilation-cache",
         default=COMPILATION_CACHE,
         help='JAX persistent compilation cache directory ("" for none)',
@@ -339,6 +622,10 @@ def main(argv=None):
     for method in args.methods:
         if method not in METHODS:
             parser.error(f"unknown method {method!r}; choose from {METHODS}")
+    if args.train_seeds is not None and not args.kl_only:
+        parser.error("--train-seeds needs --kl-only (the bounds sweep takes one twist per method)")
+    if args.log_z == "exact" and not args.kl_only:
+        parser.error("--log-z exact needs --kl-only")
     pick = lambda name: (  # noqa: E731
         getattr(args, name) if getattr(args, name) is not None else EVAL_DEFAULTS[name][args.small]
     )
@@ -356,61 +643,54 @@ def main(argv=None):
     keys = jax.random.split(jax.random.key(args.seed), 4)
 
     # twists: load, or train with learn_twists' options
+    train_seeds = args.train_seeds if args.train_seeds is not None else [None]
     twists, configs = {}, {}
-    for method in args.methods:
-        directory = twist_directory(args.twists, task, method, args.twist)
-        if not (directory / "twist.npz").exists():
-            if args.no_train:
-                raise SystemExit(f"no twist at {directory} (run inference/learn_twists.py)")
-            print(f"training the missing {method} twist into {directory}", flush=True)
-            learn(
-                task,
-                method,
-                twist_kind=args.twist,
-                steps=args.steps if args.steps is not None else default_steps(task, args.small),
-                particles=train_pick(args.train_particles, "particles"),
-                lr=train_pick(args.lr, "lr"),
-                seed=args.seed,
-                conditions_per_step=DEFAULTS["conditions_per_step"][args.small],
-                train_conditions=DEFAULTS["train_conditions"][args.small],
-                out=args.twists,
-                task_name=args.task,
-                model=args.model,
-                task_options=task_options,
-                command=f"(trained inline by) {command}",
-            )
-        twist, config = load_learned_twist(directory, task)
-        twists[method] = twist
-        history = json.loads((directory / "history.json").read_text())
-        configs[method] = (config, history)
+    for seed in train_seeds:
+        for method in args.methods:
+            directory = twist_directory(args.twists, task, method, args.twist, seed)
+            if not (directory / "twist.npz").exists():
+                if args.no_train:
+                    raise SystemExit(f"no twist at {directory} (run inference/learn_twists.py)")
+                print(f"training the missing {method} twist into {directory}", flush=True)
+                learn(
+                    task,
+                    method,
+                    twist_kind=args.twist,
+                    steps=args.steps if args.steps is not None else default_steps(task, args.small),
+                    particles=train_pick(args.train_particles, "particles"),
+                    lr=train_pick(args.lr, "lr"),
+                    seed=args.seed if seed is None else seed,
+                    conditions_per_step=DEFAULTS["conditions_per_step"][args.small],
+                    train_conditions=DEFAULTS["train_conditions"][args.small],
+                    out=args.twists,
+                    task_name=args.task,
+                    model=args.model,
+                    task_options=task_options,
+                    command=f"(trained inline by) {command}",
+                    seed_directory=seed is not None,
+                )
+            twist, config = load_learned_twist(directory, task)
+            twists[(method, seed)] = twist
+            history = json.loads((directory / "history.json").read_text())
+            configs[(method, seed)] = (config, history)
 
     timings = {"twists (load or train)": time.perf_counter() - started}
+    if args.kl_only:
+        return _kl_only(args, task, twists, configs, keys, started, timings, command, pick)
+    twists = {method: twist for (method, _), twist in twists.items()}
+    configs = {method: config for (method, _), config in configs.items()}
     # exact samples of σ (with their conditions for infilling)
-    if task.conditional:
-        count = pick("conditions")
-        exact = task.exact_samples(keys[0], count)
-    else:
-        count = max(pick("exact_samples"), runs, seeds)
-        with tqdm(total=count, desc="exact samples (rejection)") as bar:
-            exact = task.exact_samples(
-                keys[0],
-                count,
-                batch_size=512,
-                max_draws=2_000_000,
-                progress=lambda accepted, drawn: bar.update(min(accepted, count) - bar.n),
-            )
+    count = pick("conditions") if task.conditional else max(pick("exact_samples"), runs, seeds)
+    exact = draw_exact(task, keys[0], count)
     timings["exact samples"] = time.perf_counter() - started - sum(timings.values())
     program = task.program
     args_, kwargs_ = task.arguments_without_condition()
-    site = task.site
     backends = {
         SIS: lmppl.infer.ImportanceSampling,
         SMC: lambda p, k: lmppl.infer.SMC(p, k, ess_threshold=1.0),
     }
     for method, twist in twists.items():
-        backends[twisted_name(method)] = lambda p, k, twist=twist: lmppl.infer.TwistedSMC(
-            p, k, twists={site: twist}, twist_condition=task.twist_condition
-        )
+        backends[twisted_name(method)] = twisted_backend(task, twist)
 
     # bounds
     parts = []
@@ -442,8 +722,7 @@ def main(argv=None):
     # KL table: p0, then each twist's proposal
     kl_backends = {"p0 (no twist)": lmppl.infer.ImportanceSampling}
     for method in twists:
-        label = "DPG proposal (twist-induced)" if method == "dpg" else f"twisted / {NAMES[method]}"
-        kl_backends[label] = backends[twisted_name(method)]
+        kl_backends[kl_label(method)] = backends[twisted_name(method)]
     kl_records = []
     for index, (label, backend) in enumerate(tqdm(kl_backends.items(), desc="KL")):
         estimate = evaluation.kl_estimates(
@@ -498,6 +777,85 @@ def main(argv=None):
         timings=timings,
     )
     print(report, flush=True)
+
+
+def _kl_only(args, task, twists, configs, keys, started, timings, command, pick):
+    """``--kl-only``: exact samples, one log Z for the target, the KL table over seeds."""
+    out = Path(args.out)
+    runs, batches = pick("runs"), pick("seeds")
+    count = pick("conditions") if task.conditional else max(pick("exact_samples"), batches)
+    exact = draw_exact(task, keys[0], count)
+    timings["exact samples"] = time.perf_counter() - started - sum(timings.values())
+    first_seed = next(iter(twists))[1]
+    if args.log_z == "exact":
+        log_z = exact_log_z(task, exact, keys[3])
+        log_z_note = "exact, by enumerating every sequence with lmppl.infer.Exact"
+    else:
+        k = max(pick("particles"))
+        args_, kwargs_ = task.arguments_without_condition()
+        backends = {SIS: lmppl.infer.ImportanceSampling}
+        for (method, seed), twist in twists.items():
+            if seed == first_seed:
+                backends[twisted_name(method)] = twisted_backend(task, twist)
+        table = None
+        for index, (name, backend) in enumerate(tqdm(backends.items(), desc="log Z bounds")):
+            part = evaluation.log_z_bounds(
+                task.program,
+                backend,
+                exact,
+                [k],
+                runs,
+                jax.random.fold_in(keys[1], index),
+                args=args_,
+                kwargs=kwargs_,
+                name=name,
+            )
+            table = part if table is None else table + part
+        log_z = np.asarray(table.log_z_by_condition(), np.float64)
+        table.to_csv(out / "log_z_bounds.csv")
+        which = "" if first_seed is None else f" (training seed {first_seed})"
+        log_z_note = (
+            f"midpoint of the tightest lower/upper pair among {', '.join(backends)}{which} "
+            f"at K = {k}, {runs} runs each; `log_z_bounds.csv`"
+        )
+    timings["log Z"] = time.perf_counter() - started - sum(timings.values())
+    train_seeds = list(dict.fromkeys(seed for _, seed in twists))
+    summary, per_seed = kl_over_seeds(
+        task,
+        twists,
+        exact,
+        log_z,
+        keys[2],
+        num_samples=pick("kl_samples"),
+        batches=batches,
+        train_seeds=train_seeds,
+    )
+    timings["KL"] = time.perf_counter() - started - sum(timings.values())
+    _write_csv(out / "kl.csv", summary)
+    _write_csv(out / "kl_seeds.csv", per_seed)
+    settings = {
+        "training seeds": train_seeds if train_seeds != [None] else f"one ({args.twists})",
+        "evaluation batches per seed": batches,
+        "draws of q per batch": pick("kl_samples"),
+        "log Z": args.log_z,
+        "twist": args.twist,
+    }
+    report = write_kl_report(
+        out,
+        command=command,
+        task=task,
+        settings=settings,
+        exact=exact,
+        log_z=log_z,
+        log_z_note=log_z_note,
+        summary=summary,
+        per_seed=per_seed,
+        twist_configs=configs,
+        seconds=time.perf_counter() - started,
+        timings=timings,
+    )
+    print(report, flush=True)
+    return summary
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ parameter update (``optax.MultiSteps``; the paper uses 25 conditions × 4 partic
     python inference/learn_twists.py --task toxicity-classifier --method ctl --small \\
         --out inference/results/twists
 
-``--method all`` trains the five methods in turn.
+``--method all`` trains the five methods in turn. ``--seeds 0 1 2 3 4`` trains each method
+once per seed, into ``<method>_<twist>/seed<k>/`` (``inference/evaluate.py --kl-only
+--train-seeds …`` then gives the KL table over training seeds); ``--seed k`` alone keeps
+the single folder ``<method>_<twist>/``.
 """
 
 from __future__ import annotations
@@ -153,9 +156,13 @@ def make_twist(kind: str, task, method: str, hidden_size: int = 128, seed: int =
     raise SystemExit(f"unknown twist {kind!r}; choose one of {TWISTS}")
 
 
-def twist_directory(out: str | Path, task, method: str, twist: str) -> Path:
-    """``<out>/<task.name>/<method>_<twist>`` (the task's name includes e.g. T and c)."""
-    return Path(out) / task.name / f"{method}_{twist}"
+def twist_directory(
+    out: str | Path, task, method: str, twist: str, seed: int | None = None
+) -> Path:
+    """``<out>/<task.name>/<method>_<twist>`` (the task's name includes e.g. T and c), and
+    ``…/seed<k>`` below it for one of several training seeds (``--seeds``)."""
+    directory = Path(out) / task.name / f"{method}_{twist}"
+    return directory if seed is None else directory / f"seed{seed}"
 
 
 def load_learned_twist(directory: str | Path, task=None):
@@ -214,11 +221,13 @@ def learn(
     keep_checkpoints: bool = False,
     progress: bool = True,
     command: str | None = None,
+    seed_directory: bool = False,
 ) -> Path:
-    """Train one twist and write its files; returns the directory."""
+    """Train one twist and write its files; returns the directory (``…/seed<seed>`` below
+    the method's folder when ``seed_directory``)."""
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; choose one of {METHODS}")
-    directory = twist_directory(out, task, method, twist_kind)
+    directory = twist_directory(out, task, method, twist_kind, seed if seed_directory else None)
     directory.mkdir(parents=True, exist_ok=True)
     twist = make_twist(twist_kind, task, method, hidden_size, seed)
     conditional = task.conditional
@@ -336,6 +345,13 @@ def main(argv=None):
     parser.add_argument("--particles", type=int, default=None, help="N of the SIS batch")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="several training seeds, each into <method>_<twist>/seed<k>/ (overrides --seed)",
+    )
     parser.add_argument("--hidden-size", type=int, default=128, help="MLP width")
     parser.add_argument("--model", default=None, help="base model (default: the task's)")
     parser.add_argument("--task-option", action="append", help="name=value for the task factory")
@@ -362,7 +378,9 @@ def main(argv=None):
     task_options = parse_options(args.task_option)
     task = build_task(args.task, args.model, task_options)
     print(f"task {args.task}: {task.description}", flush=True)
-    for method in methods:
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    runs = [(seed, method) for seed in seeds for method in methods]
+    for seed, method in runs:
         directory = learn(
             task,
             method,
@@ -370,7 +388,7 @@ def main(argv=None):
             steps=args.steps if args.steps is not None else default_steps(task, args.small),
             particles=pick("particles"),
             lr=pick("lr"),
-            seed=args.seed,
+            seed=seed,
             hidden_size=args.hidden_size,
             positives=args.positives,
             conditions_per_step=pick("conditions_per_step"),
@@ -381,6 +399,7 @@ def main(argv=None):
             task_options=task_options,
             keep_checkpoints=args.keep_checkpoints,
             command=command,
+            seed_directory=args.seeds is not None,
         )
         history = json.loads((directory / "history.json").read_text())
         tail = max(1, len(history["ess"]) // 10)
@@ -388,7 +407,9 @@ def main(argv=None):
         first = float(np.mean(history["ess"][:tail]))
         config = json.loads((directory / "config.json").read_text())
         print(
-            f"{method}: {config['seconds']:.0f} s, SIS ESS/N {first:.3f} -> {ess:.3f} "
+            f"{method}"
+            + (f" seed {seed}" if args.seeds is not None else "")
+            + f": {config['seconds']:.0f} s, SIS ESS/N {first:.3f} -> {ess:.3f} "
             f"(first/last tenth), loss {history['loss'][-1]:.4g} -> {directory}",
             flush=True,
         )

@@ -107,3 +107,68 @@ def test_evaluate_trains_missing_twists_on_a_classifier_target(tmp_path):
     assert config["task_options"] == {"num_tokens": 4} and config["steps"] == 2
     check_evaluation(out, ["fudge"], [2])
     assert "toxicity-classifier --task-option num_tokens=4" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_kl_table_over_training_seeds(tmp_path):
+    """``learn_twists --seeds`` writes one folder per seed; ``evaluate --kl-only
+    --train-seeds`` gives the KL table over them (exact log Z by enumeration, T = 1)."""
+    twists = tmp_path / "twists"
+    task = [
+        "--task",
+        "infilling",
+        "--task-option",
+        "num_tokens=1",
+        "--task-option",
+        "num_observed=1",
+    ]
+    learn_twists.main(
+        [*task, "--twist", "linear", "--particles", "4", "--method", "ctl", "--seeds", "0", "1"]
+        + ["--steps", "2", "--conditions-per-step", "2", "--train-conditions", "8"]
+        + ["--out", str(twists), *NO_CACHE]
+    )
+    for seed in (0, 1):
+        config = check_twist_directory(
+            twists / "infilling_T1_c1" / "ctl_linear" / f"seed{seed}", "ctl"
+        )
+        assert config["seed"] == seed and "--seeds 0 1" in config["command"]
+    assert not (twists / "infilling_T1_c1" / "ctl_linear" / "twist.npz").exists()
+
+    out = tmp_path / "kl"
+    summary = evaluate.main(
+        [*task, "--twists", str(twists), "--methods", "ctl", "--twist", "linear"]
+        + ["--kl-only", "--train-seeds", "0", "1", "--log-z", "exact", "--conditions", "3"]
+        + ["--seeds", "2", "--kl-samples", "4", "--no-train", "--out", str(out), *NO_CACHE]
+    )
+    assert [row["proposal"] for row in summary] == ["p0 (no twist)", "twisted / CTL"]
+    assert summary[1]["interval_over"] == "training seeds" and summary[1]["seeds"] == 2
+    rows = read_csv(out / "kl_seeds.csv")
+    assert [(r["proposal"], r["train_seed"]) for r in rows] == [
+        ("p0 (no twist)", "-"),
+        ("p0 (no twist)", "-"),
+        ("twisted / CTL", "0"),
+        ("twisted / CTL", "1"),
+    ]
+    for row in rows:
+        assert np.isfinite(float(row["kl_q_sigma"])) and np.isfinite(float(row["kl_sigma_q"]))
+    ctl = [float(r["kl_q_sigma"]) for r in rows if r["train_seed"] != "-"]
+    assert np.isclose(float(read_csv(out / "kl.csv")[1]["kl_q_sigma"]), np.mean(ctl))
+    report = (out / "report.md").read_text()
+    assert "--kl-only" in report and "exact, by enumerating" in report
+    assert not (out / "bounds.csv").exists()
+
+
+def test_train_seeds_needs_kl_only(tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate.main(
+            [
+                "--task",
+                "infilling-small",
+                "--train-seeds",
+                "0",
+                "1",
+                "--out",
+                str(tmp_path),
+                *NO_CACHE,
+            ]
+        )
