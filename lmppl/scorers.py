@@ -20,6 +20,9 @@ the package to install.
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.parse
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +32,22 @@ import numpy as np
 __all__ = ["hf_text_classifier", "offensive_language", "vader_sentiment"]
 
 Scorer = Callable[[list[str]], np.ndarray]
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds
+    (False under ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("", "0"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urllib.parse.urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _require(module: str, package: str):
@@ -109,14 +128,27 @@ def hf_text_classifier(
     transformers = _require("transformers", "transformers")
     if isinstance(model, str):
         name = model
+        # A hub id: the local cache first, and the hub only when it answers (offline,
+        # from_pretrained would spend ~30 s in retries before failing).
+        local = os.path.isdir(name) or not _hub_reachable()
         try:
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(name)
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                name, local_files_only=local
+            )
             if tokenizer is None:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=local)
         except OSError as error:
+            where = (
+                "not a classifier folder"
+                if os.path.isdir(name)
+                else "not a local folder, not in the Hugging Face cache, and the hub is "
+                "unreachable (offline)"
+                if local
+                else "offline, or not a classifier"
+            )
             raise OSError(
-                f"could not load the text classifier {name!r} (offline, or not a classifier "
-                f"folder): {str(error).splitlines()[0]}"
+                f"could not load the text classifier {name!r} ({where}): "
+                f"{str(error).splitlines()[0]}"
             ) from None
     if tokenizer is None:
         raise ValueError("hf_text_classifier needs the classifier's tokenizer")

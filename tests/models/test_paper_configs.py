@@ -116,3 +116,11 @@ def test_missing_classifier_folder_is_one_line(tmp_path):
     with pytest.raises(OSError, match="could not load the text classifier") as error:
         lmppl.scorers.hf_text_classifier(str(tmp_path / "nothing"))
     assert "\n" not in str(error.value)
+
+
+def test_hub_classifier_offline_is_one_line_without_retries(monkeypatch):
+    """Issue #15 (smaller): a hub id asked for offline spent ~28 s in download retries."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not in the Hugging Face cache, and the hub is") as error:
+        lmppl.scorers.hf_text_classifier("lmppl-tests/no-such-classifier")
+    assert "\n" not in str(error.value)
