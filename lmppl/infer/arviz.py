@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["result_to_arviz", "run_many", "runs_to_arviz"]
+__all__ = ["import_arviz", "result_to_arviz", "run_many", "runs_to_arviz"]
 
 
-def _import_arviz():
+def import_arviz():
+    """``arviz``, imported with its ``FutureWarning`` s silenced (pytest turns them into
+    errors; they concern ArviZ's own upcoming API, not lmppl's use of it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz
@@ -69,7 +71,7 @@ def runs_to_arviz(results: Sequence[Any], *, resample_key: Any = None):
     import jax
     import xarray as xr
 
-    az = _import_arviz()
+    az = import_arviz()
     results = list(results)
     if not results:
         raise ValueError("runs_to_arviz needs at least one result")

@@ -34,7 +34,16 @@ from lmppl.infer.result import InferenceResult
 from lmppl.infer.sweep import SweepOptions, SweepOutput, build_sweep
 from lmppl.infer.twist import split_twist
 
-__all__ = ["SMC", "CompiledProgram", "ImportanceSampling", "TwistedSMC", "check_output"]
+__all__ = [
+    "SMC",
+    "CompiledProgram",
+    "ImportanceSampling",
+    "TwistedSMC",
+    "check_output",
+    "explaining_out_of_memory",
+    "run_bytes",
+    "runs_per_call",
+]
 
 
 class CompiledProgram(NamedTuple):
@@ -181,7 +190,7 @@ def runs_per_call(structure: ProgramStructure, num_particles: int) -> int:
 
 
 @contextmanager
-def _explaining_out_of_memory(
+def explaining_out_of_memory(
     backend: str, structure: ProgramStructure, num_particles: int, num_runs: int
 ) -> Iterator[None]:
     """Turn XLA's ``RESOURCE_EXHAUSTED`` into a one-line :class:`MemoryError` that names the
@@ -399,7 +408,7 @@ class SMC:
         rng_key = _check_key(rng_key)
         structure, jitted, arrays, twist_params = self.compile(*args, **kwargs)
         model_params = structure.model_params()
-        with _explaining_out_of_memory(self.name, structure, self.num_particles, 1):
+        with explaining_out_of_memory(self.name, structure, self.num_particles, 1):
             output = jitted(rng_key, model_params, twist_params, arrays, None)
         check_output(output, self.name)
         site = structure.lm_site
@@ -482,7 +491,7 @@ class SMC:
             references = None
             many = self._runs(compiled, conditional=False)
         structure, _, arrays, twist_params = compiled
-        with _explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
+        with explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
             outputs = many(keys, structure.model_params(), twist_params, arrays, references)
         check_output(outputs, self.name)
         return outputs.log_marginal
@@ -512,7 +521,7 @@ class SMC:
             raise ValueError("references must be token ids (non-negative)")
         keys = jax.random.split(rng_key, references.shape[0])
         many = self._runs(CompiledProgram(structure, jitted, arrays, twist_params), True)
-        with _explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
+        with explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
             outputs = many(keys, structure.model_params(), twist_params, arrays, references)
         check_output(outputs, self.name, conditional=True)
         return outputs.log_marginal

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmppl.host_errors import reraising
-from lmppl.infer.backends import SMC, _explaining_out_of_memory, runs_per_call
+from lmppl.infer.backends import SMC, explaining_out_of_memory, runs_per_call
 from lmppl.infer.exact import token_log_probs
 from lmppl.infer.program import ProgramError, ProgramStructure
 from lmppl.infer.resampling import multinomial
@@ -309,7 +309,7 @@ class ParticleGibbs:
 
             bar = tqdm(total=num_calls * num_groups, desc=self.name, unit="call")
         pieces = []
-        with _explaining_out_of_memory(self.name, structure, sampler.num_particles, group):
+        with explaining_out_of_memory(self.name, structure, sampler.num_particles, group):
             for g in range(num_groups):
                 index = np.arange(g * group, (g + 1) * group) % self.num_chains  # wrap-pad
                 state = jnp.asarray(start[index])
@@ -504,9 +504,9 @@ class ParticleGibbsResult:
         """
         import xarray as xr
 
-        from lmppl.infer.arviz import _import_arviz
+        from lmppl.infer.arviz import import_arviz
 
-        az = _import_arviz()
+        az = import_arviz()
         dims = ("chain", "draw")
         coords = {"chain": np.arange(self.num_chains), "draw": np.arange(self.num_draws)}
         variables: dict[str, Any] = {}
@@ -543,9 +543,9 @@ class ParticleGibbsResult:
         """``arviz.summary`` (means, R-hat, bulk / tail ESS over chains) of the scalar
         summaries (:meth:`scalar_names`) that vary across draws (a constant has no R-hat,
         e.g. ``length`` without EOS); ``kwargs`` go to ``arviz.summary``."""
-        from lmppl.infer.arviz import _import_arviz
+        from lmppl.infer.arviz import import_arviz
 
-        az = _import_arviz()
+        az = import_arviz()
         data = self.to_arviz()
         if "var_names" not in kwargs:
             posterior = data.posterior
