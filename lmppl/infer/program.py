@@ -293,8 +293,13 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
 
     try:
         jax.eval_shape(run, jax.random.key(0))
-    except ProgramError:
-        raise
+    except jax.errors.ConcretizationTypeError as error:
+        raise ProgramError(
+            "the program uses the value of a latent site in Python control flow or shapes "
+            f"({type(error).__name__}); inference runs all particles at once, so a choice "
+            "made from a latent must be an array expression: e.g. a prompt per value padded "
+            "to one width and indexed by it (lmppl.concat(PROMPTS[z])), or jnp.where"
+        ) from None
     site_message = found["site"]
     trace = found["trace"]
     if site_message is None:

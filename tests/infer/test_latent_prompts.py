@@ -106,3 +106,16 @@ def test_twist_training_refuses_per_particle_prompts():
             rng_key=jax.random.key(0),
             progress=False,
         )
+
+
+def test_python_branch_on_a_latent_is_one_line():
+    """A prompt chosen by Python control flow on a latent cannot be batched over particles."""
+
+    def program():
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        prompt = "ab" if z > 0 else "c"
+        numpyro.sample("s", lmppl.LM(eos_lm(), prompt, 3))
+
+    with pytest.raises(ValueError, match="Python control flow") as error:
+        lmppl.infer.SMC(program, 4).run(jax.random.key(0))
+    assert "\n" not in str(error.value)
