@@ -91,6 +91,22 @@ NAMES = {"ctl": "CTL", "rl": "RL", "sixo": "SIXO", "fudge": "FUDGE", "dpg": "DPG
 SIS, SMC = "SIS (p0)", "SMC (p0)"
 
 
+def _report_header(task, command: str, settings: dict, seconds: float, timings: dict | None):
+    """The lines every ``report.md`` opens with after its title: target, command, time, settings."""
+    return [
+        f"Target: {task.description}. Produced by",
+        "",
+        f"    {command}",
+        "",
+        f"in {seconds:.0f} s ({jax.default_backend()}, jax {jax.__version__}"
+        + "".join(f"; {name} {value:.0f} s" for name, value in (timings or {}).items())
+        + ").",
+        "",
+        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".",
+        "",
+    ]
+
+
 def twisted_name(method: str) -> str:
     return f"twisted SMC ({NAMES[method]})"
 
@@ -226,16 +242,7 @@ def write_report(
     lines = [
         f"# {task.name}: learned twists, KL table and log Z bounds",
         "",
-        f"Target: {task.description}. Produced by",
-        "",
-        f"    {command}",
-        "",
-        f"in {seconds:.0f} s ({jax.default_backend()}, jax {jax.__version__}"
-        + "".join(f"; {name} {value:.0f} s" for name, value in (timings or {}).items())
-        + ").",
-        "",
-        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".",
-        "",
+        *_report_header(task, command, settings, seconds, timings),
     ]
     if task.conditional:
         conditions, _ = evaluation.group_by_condition(exact)
@@ -449,16 +456,7 @@ def write_kl_report(
     lines = [
         f"# {task.name}: KL table over training seeds",
         "",
-        f"Target: {task.description}. Produced by",
-        "",
-        f"    {command}",
-        "",
-        f"in {seconds:.0f} s ({jax.default_backend()}, jax {jax.__version__}"
-        + "".join(f"; {name} {value:.0f} s" for name, value in (timings or {}).items())
-        + ").",
-        "",
-        "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()) + ".",
-        "",
+        *_report_header(task, command, settings, seconds, timings),
     ]
     if task.conditional:
         conditions, group = evaluation.group_by_condition(exact)
