@@ -15,6 +15,9 @@ functions here compute ``log φ`` from a sampled sequence. Kinds:
 * Regular languages (:func:`regex`, :func:`json_schema` build a token automaton once;
   :func:`constrain` puts it in a program): ``σ ∝ p0 · 1[text(s) ∈ L]``, the automaton
   state carried per particle by SMC (a stateful per-step potential).
+* Context-free languages (:func:`grammar`, a Lark grammar compiled by llguidance;
+  :func:`constrain` as above): the parser runs on the host, one callback per step for
+  all particles (:mod:`lmppl.grammars`).
 * An observed LM continuation (infilling) needs no helper: ``numpyro.sample("ending",
   lmppl.LM(lm, prompt=lmppl.concat(prompt, story), ...), obs=ending_ids)``.
 """
@@ -32,6 +35,7 @@ from numpyro.distributions.distribution import Unit
 
 from lmppl.automata import AutomatonPotential, TokenAutomaton, json_schema, regex
 from lmppl.decoding import trim_at_eos, valid_mask
+from lmppl.grammars import Grammar, grammar
 from lmppl.host_errors import remembered
 from lmppl.lm.base import Tokenizer
 
@@ -39,6 +43,7 @@ __all__ = [
     "STEP_POTENTIAL_KEY",
     "banned_tokens",
     "constrain",
+    "grammar",
     "json_schema",
     "log_indicator",
     "regex",
@@ -297,7 +302,8 @@ def constrain(
     """Constrain ``sequence`` to a language: the factor ``log 1[text(s) ∈ L]``, per step.
 
     ``constraint`` is a :class:`~lmppl.automata.TokenAutomaton` (from :func:`regex` or
-    :func:`json_schema`, built once outside the program) or any
+    :func:`json_schema`, built once outside the program), a
+    :class:`~lmppl.grammars.Grammar` (from :func:`grammar`: checked on the host) or any
     :class:`~lmppl.types.StatefulStepPotential`. The target becomes
     ``σ(s) ∝ p0(s) · 1[text(s) ∈ L] · (other factors)``, ``text(s)`` the text before the
     first EOS (all T tokens without one), so the log Z of the bare constraint is the
@@ -332,6 +338,10 @@ def constrain(
                 f"constraint '{name}': the shortest token sequence matching "
                 f"{constraint.pattern!r} has {needed} tokens; the sequence has {steps}"
             )
+        potential = constraint.bind(steps, eos_token_id)
+    elif isinstance(constraint, Grammar):
+        if eos_token_id is _AUTOMATON_EOS:
+            eos_token_id = constraint.eos_token_id
         potential = constraint.bind(steps, eos_token_id)
     else:
         if eos_token_id is _AUTOMATON_EOS:

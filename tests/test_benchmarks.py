@@ -24,6 +24,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("decode.py", "ratio lmppl/torch"),
         ("smc.py", "SMC / generate"),
         ("constraints.py", "constrained ms/token"),
+        ("grammar.py", "host parser ms/token"),
         ("composite.py", "work-normalised variance ratio"),
     ],
 )

@@ -208,6 +208,7 @@ def joint_sample(
         )
     conditions = np.asarray(draws[observed])
     structure = discover(program, *_with_condition(args, kwargs, condition_argument, conditions[0]))
+    structure.refuse_several_sites("exact samples of a program")
     site = structure.lm_site.name
     return ExactSamples(
         samples=np.asarray(draws[site], np.int32),

@@ -170,16 +170,19 @@ def run_bytes(structure: ProgramStructure, num_particles: int) -> int:
     prompt plus ``T`` positions), a gathered copy of it while resampling, and a handful of
     ``[N, V]`` float32 arrays (logits, log p0, the proposal, the twist):
     ``2 · cache + 8 · N · V · 4`` bytes, an estimate that errs on the large side."""
-    site = structure.lm_site
-    model = site.model
-    row_bytes = 0
-    others = (o.model for o in structure.observed_lms)
-    proposal = (structure.proposal,) if structure.proposal is not None else ()
-    for other in (model, *others, *proposal):
-        length = min(other.context_length, site.prompt_width + site.max_new_tokens)
-        cache = jax.eval_shape(lambda other=other, length=length: other.init_cache(1, length))
-        row_bytes += sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
-    return num_particles * (2 * row_bytes + 8 * model.vocab_size * 4)
+    largest = 0
+    for phase in structure.phases:  # the phases of several LM sites run one after another
+        site = phase.lm_site
+        model = site.model
+        row_bytes = 0
+        others = (o.model for o in phase.observed_lms)
+        proposal = (phase.proposal,) if phase.proposal is not None else ()
+        for other in (model, *others, *proposal):
+            length = min(other.context_length, site.prompt_width + site.max_new_tokens)
+            cache = jax.eval_shape(lambda other=other, length=length: other.init_cache(1, length))
+            row_bytes += sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+        largest = max(largest, num_particles * (2 * row_bytes + 8 * model.vocab_size * 4))
+    return largest
 
 
 def runs_per_call(structure: ProgramStructure, num_particles: int) -> int:
@@ -208,6 +211,17 @@ def explaining_out_of_memory(
             f"{per_call} per call (about {estimate:.1f} GiB by lmppl's estimate); use fewer "
             "particles, or set LMPPL_MEMORY_BUDGET (bytes) lower to run fewer runs per call"
         ) from None
+
+
+def _split_twists(structure: ProgramStructure, twist: Any) -> tuple[Any, Any]:
+    """``(twist_apply, twist_params)`` of ``twist`` (None: none); for a program with several
+    latent LM sites ``twist`` is a tuple over the sites and so are both results."""
+    if twist is None:
+        return None, None
+    if not structure.continuations:
+        return split_twist(twist)
+    pairs = [split_twist(t) if t is not None else (None, None) for t in twist]
+    return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
 class _JittedSweep:
@@ -386,7 +400,7 @@ class SMC:
         if entry is None:
             structure = discover(self.program, args, kwargs).with_proposal(self.proposal)
             twist = self._twist_for(structure)
-            twist_apply = split_twist(twist)[0] if twist is not None else None
+            twist_apply = _split_twists(structure, twist)[0]
             sweep = build_sweep(
                 structure,
                 self.program,
@@ -398,8 +412,7 @@ class SMC:
             entry = (structure, _JittedSweep(sweep, rebuild))
             self._compiled[(static_key, conditional)] = entry
         structure, jitted = entry
-        twist = self._twist_for(structure)
-        twist_params = split_twist(twist)[1] if twist is not None else None
+        twist_params = _split_twists(structure, self._twist_for(structure))[1]
         return CompiledProgram(structure, jitted, arrays, twist_params)
 
     @reraising
@@ -412,7 +425,8 @@ class SMC:
             output = jitted(rng_key, model_params, twist_params, arrays, None)
         check_output(output, self.name)
         site = structure.lm_site
-        samples = {site.name: output.tokens, **output.latent_values}
+        # The last LM site's tokens are the sweep's; earlier sites' are latent values.
+        samples = {structure.lm_sites[-1].name: output.tokens, **output.latent_values}
         return InferenceResult(
             samples=samples,
             log_weights=output.log_weights,
@@ -484,7 +498,7 @@ class SMC:
         compiled = self.compile(*args, **kwargs)
         if self._clampable(compiled.structure):
             compiled = self.compile(*args, conditional=True, **kwargs)
-            steps = compiled.structure.lm_site.max_new_tokens
+            steps = compiled.structure.total_steps
             references = jnp.full((num_runs, steps), -1, jnp.int32)
             many = self._runs(compiled, conditional=True)
         else:
@@ -512,10 +526,11 @@ class SMC:
         if references.ndim != 2:
             raise ValueError(f"references must be [R, T] token ids, got shape {references.shape}")
         structure, jitted, arrays, twist_params = self.compile(*args, conditional=True, **kwargs)
-        if references.shape[1] != structure.lm_site.max_new_tokens:
+        if references.shape[1] != structure.total_steps:
+            sites = " + ".join(f"'{x.name}' {x.max_new_tokens}" for x in structure.lm_sites)
             raise ValueError(
-                f"references have {references.shape[1]} tokens but the LM site "
-                f"'{structure.lm_site.name}' generates {structure.lm_site.max_new_tokens}"
+                f"references have {references.shape[1]} tokens but the LM site(s) generate "
+                f"{structure.total_steps} ({sites}; several sites: their tokens concatenated)"
             )
         if bool(jnp.any(references < 0)):
             raise ValueError("references must be token ids (non-negative)")
@@ -604,6 +619,15 @@ class TwistedSMC(SMC):
         self.twist_condition = twist_condition
 
     def _twist_for(self, structure: ProgramStructure):
+        if structure.continuations:  # one twist per LM site; a site without one: ψ ≡ 1
+            names = [site.name for site in structure.lm_sites]
+            unknown = sorted(set(self.twists) - set(names))
+            if unknown:
+                raise ProgramError(
+                    f"twists given for {unknown}, which are not latent LM sites of the "
+                    f"program ({names})"
+                )
+            return tuple(self.twists.get(name) for name in names)
         name = structure.lm_site.name
         if name not in self.twists:
             raise ProgramError(

@@ -94,6 +94,8 @@ class Exact:
     and ``softmax(log_weights)`` is σ. Discrete latent sites before the LM site (a persona,
     a topic; anything with ``enumerate_support``) are enumerated jointly with the sequence:
     ``σ̃(z, s) = p(z) p0(s | z) φ(s, z)``, and their values are among the samples.
+    Several latent LM sites (a title, then a story) are enumerated jointly the same way:
+    ``σ̃(s¹, s²) = p0(s¹) p0(s² | s¹) φ(s¹, s²)``, over ``V^(T1 + T2)`` sequences.
     """
 
     name = "Exact"
@@ -105,6 +107,9 @@ class Exact:
 
     def _enumerate(self, rng_key, args, kwargs):
         structure = discover(self.program, args, kwargs)
+        # Several latent LM sites: the earlier ones are enumerated as prefix latents of the
+        # last one (every token sequence; log p0 of each from its prompt, -inf off support).
+        structure = structure.phases[-1]
         site = structure.lm_site
         vocab, steps = site.model.vocab_size, site.max_new_tokens
         if structure.suffix_latent_sites:
@@ -146,7 +151,8 @@ class Exact:
                 chunk,
                 include_step_potentials=True,
             )
-            return per_token, log_phi + log_prior, site_log_probs
+            rows_prior = jnp.broadcast_to(log_prior, (chunk.shape[0],))
+            return per_token, log_phi + log_prior, site_log_probs, rows_prior
 
         pieces = []
         latents: dict[str, list[np.ndarray]] = {name: [] for name in supports}
@@ -162,6 +168,9 @@ class Exact:
         site_log_probs = {
             name: np.concatenate([p[2][name] for p in pieces]) for name in pieces[0][2]
         }
+        log_prior = np.concatenate([p[3] for p in pieces])
+        # A sequence outside the support: its own p0 or its prefix sites' prior is zero.
+        per_token = np.where(np.isneginf(log_prior)[:, None], -np.inf, per_token)
         all_sequences = np.tile(sequences, (len(assignments), 1))
         prefix_values = {name: np.concatenate(parts) for name, parts in latents.items()}
         return structure, all_sequences, per_token, log_phi, site_log_probs, prefix_values

@@ -278,6 +278,7 @@ class ParticleGibbs:
             )
         sampler = self.sampler
         structure, sweep, arrays, twist_params = sampler.compile(*args, conditional=True, **kwargs)
+        structure.refuse_several_sites("ParticleGibbs")
         if structure.suffix_latent_sites:
             raise ProgramError(
                 "ParticleGibbs clamps the LM site only; the program samples latent sites after "

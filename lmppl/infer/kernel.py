@@ -86,6 +86,7 @@ __all__ = [
     "SweepOutput",
     "build_kernel",
     "check_options",
+    "close_phase",
     "finalize",
     "init",
 ]
@@ -164,6 +165,8 @@ class ParticleState(NamedTuple):
       reference_alive: ``[]`` bool, conditional SMC: every clamped token so far had
         positive proposal probability (a reference outside the support of σ, e.g. one a
         per-step potential forbids, gets weight zero at the end, and the backends refuse it).
+      earlier_log_probs: ``{site: [N]}`` the observed LM sites scored per step in earlier
+        phases (a program with several latent LM sites), gathered with the particles.
     """
 
     decode: DecodeState
@@ -178,6 +181,7 @@ class ParticleState(NamedTuple):
     observed_log_probs: tuple = ()
     proposals: tuple = ()
     reference_alive: Any = None
+    earlier_log_probs: dict = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
 
 
 class StepInfo(NamedTuple):
@@ -288,13 +292,17 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
         raise ProgramError(
             f"observed_lms must be one of {OBSERVED_LM_SCORING}, got {options.observed_lms!r}"
         )
+    if structure.continuations and options.resample_at is not None:
+        structure.refuse_several_sites("word-level steps (resample_at)")
     if not options.conditional:
         return
-    if structure.prefix_sites:
-        raise ProgramError(
-            "conditional SMC clamps the LM site only; the program samples latent sites "
-            "before it: " + ", ".join(structure.prefix_sites)
-        )
+    for phase in structure.phases:
+        sampled = [name for name in phase.prefix_sites if name not in phase.earlier_lm_sites]
+        if sampled:
+            raise ProgramError(
+                "conditional SMC clamps the LM sites only; the program samples latent sites "
+                f"before '{phase.lm_site.name}': " + ", ".join(sampled)
+            )
     resampler = options.resampling
     if options.ess_threshold is not None and resampler not in ("multinomial", multinomial):
         name = (
@@ -314,15 +322,27 @@ def init(
     model_params: ModelParams,
     num_particles: int,
     options: SweepOptions | None = None,
+    previous: ParticleState | None = None,
 ) -> ParticleState:
     """Run every particle's program up to the LM site and prefill its prompt once.
 
     ``rng_key`` is split into one key per particle for the latent sites sampled before the
     LM site (their values are carried by each particle). The observed LM sites scored per
     step (``options.observed_lms``) get their own prefilled caches.
+
+    ``previous``: the final state of the previous phase of a program with several latent
+    LM sites (``target.structure`` is then a later phase, see
+    :attr:`~lmppl.infer.program.ProgramStructure.phases`). Its particles continue: their
+    latent values and the previous site's tokens are given to the program (latent sites
+    between the two LM sites are sampled from their prior), and the weights, ``log ψ``
+    (the next step's increment divides by it), ``log Ẑ`` so far and the conditional
+    reference's status carry over.
     """
     structure = target.structure
     site = structure.lm_site
+    given = None
+    if previous is not None:
+        given = {**previous.prefix_values, structure.earlier_lm_sites[-1]: previous.decode.tokens}
     prefix_values, prompt_tokens, prompt_length = run_prefix(
         structure,
         target.program,
@@ -330,6 +350,7 @@ def init(
         target.kwargs,
         model_params,
         jax.random.split(rng_key, num_particles),
+        given,
     )
     step_functions = step_potential_functions(
         structure, target.program, target.args, target.kwargs, model_params
@@ -384,7 +405,7 @@ def init(
             ),
         )
     zeros = jnp.zeros((num_particles,), jnp.float32)
-    return ParticleState(
+    state = ParticleState(
         decode=decode,
         log_weights=zeros,
         log_psi=zeros,
@@ -397,6 +418,30 @@ def init(
         observed_log_probs=tuple(zeros for _ in observers),
         proposals=proposals,
         reference_alive=jnp.ones((), bool),
+    )
+    if previous is None:
+        return state
+    return state._replace(
+        log_weights=previous.log_weights,
+        log_psi=previous.log_psi,
+        log_marginal=previous.log_marginal,
+        reference_alive=previous.reference_alive,
+        earlier_log_probs=previous.earlier_log_probs,
+    )
+
+
+def close_phase(
+    structure: ProgramStructure, state: ParticleState, options: SweepOptions
+) -> ParticleState:
+    """The final state of one phase of a program with several latent LM sites, ready to be
+    continued (``init(..., previous=...)``): the log-probabilities of the observed LM
+    sites it scored per step move to ``earlier_log_probs`` (keyed by site)."""
+    names = [o.name for o in _scored_observers(structure, options)]
+    scored = dict(zip(names, state.observed_log_probs, strict=True))
+    return state._replace(
+        observers=(),
+        observed_log_probs=(),
+        earlier_log_probs={**state.earlier_log_probs, **scored},
     )
 
 
@@ -416,6 +461,7 @@ def _gather_particles(state: ParticleState, ancestors: jax.Array) -> ParticleSta
         observers=tuple(reorder(observer, ancestors) for observer in state.observers),
         observed_log_probs=gather(state.observed_log_probs),
         proposals=tuple(reorder(proposal, ancestors) for proposal in state.proposals),
+        earlier_log_probs=gather(state.earlier_log_probs),
     )
 
 
@@ -445,6 +491,7 @@ def build_kernel(
     twist_params: Any = None,
     condition: Any = None,
     reference: jax.Array | None = None,
+    offset: int = 0,
 ) -> Callable[[jax.Array, ParticleState, jax.Array], tuple[ParticleState, StepInfo]]:
     """``step(rng_key, state, t) -> (state, info)``: resample, propose, weight, feed.
 
@@ -458,6 +505,9 @@ def build_kernel(
       reference: ``[T]`` the clamped sequence of a conditional sweep (None otherwise). A
         reference of −1 everywhere clamps nothing: the run is then an ordinary SMC run of
         the same compiled sweep (lower and upper bounds share one compilation).
+      offset: the steps of earlier phases (a program with several latent LM sites): the
+        resampling rule reads the step ``offset + t`` of the whole sweep, so the first
+        step of a later phase may resample.
     """
     structure = target.structure
     check_options(structure, options)
@@ -505,7 +555,8 @@ def build_kernel(
     def step(rng_key: jax.Array, state: ParticleState, t: jax.Array):
         resample_key, sample_key = jax.random.split(rng_key)
         ess = effective_sample_size(state.log_weights)
-        gate = (t > 0) & (t % options.resample_every == 0)
+        position = t + offset  # the step in the whole sweep (all LM sites)
+        gate = (position > 0) & (position % options.resample_every == 0)
         if threshold is None or word_level:  # word-level: resampled after the proposal
             resampled = jnp.zeros((), bool)
             ancestors = jnp.arange(num, dtype=jnp.int32)
@@ -665,10 +716,13 @@ def finalize(
     steps' :class:`StepInfo` stacked ``[T, ...]``.
     """
     num = state.log_weights.shape[0]
+    structure = target.structure
+    last = structure.phases[-1]  # the last LM site's phase: its suffix is the program's
     # The observed LM sites the kernel scored per step (it kept their log-probabilities).
-    scored = [o.name for o in target.structure.observed_lms][: len(state.observed_log_probs)]
+    scored = [o.name for o in last.observed_lms][: len(state.observed_log_probs)]
+    earlier = state.earlier_log_probs
     log_potential, site_log_probs, later = run_suffix(
-        target.structure,
+        last,
         target.program,
         target.args,
         target.kwargs,
@@ -677,9 +731,14 @@ def finalize(
         state.prefix_values,
         state.decode.tokens,
         include_step_potentials=False,
-        scored=frozenset(scored),
+        scored=frozenset([*scored, *earlier]),
+        applied=frozenset(p.name for phase in structure.phases for p in phase.step_potentials),
     )
-    site_log_probs = {**site_log_probs, **dict(zip(scored, state.observed_log_probs, strict=True))}
+    site_log_probs = {
+        **site_log_probs,
+        **earlier,
+        **dict(zip(scored, state.observed_log_probs, strict=True)),
+    }
     log_weights = jnp.where(
         jnp.isneginf(state.log_psi),
         -jnp.inf,

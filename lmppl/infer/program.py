@@ -23,6 +23,7 @@ A program is run through NumPyro's effect handlers (never parsed):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -131,6 +132,37 @@ class ProgramStructure:
     models: tuple[LanguageModel, ...]
     observed_lms: tuple[ObservedLMSite, ...] = ()
     proposal: LanguageModel | None = None
+    earlier_lm_sites: tuple[str, ...] = ()
+    continuations: tuple[ProgramStructure, ...] = ()
+
+    @property
+    def phases(self) -> tuple[ProgramStructure, ...]:
+        """One structure per latent LM site, in program order (this one first).
+
+        A program with several latent LM sites runs as one sweep over their concatenated
+        steps: phase k samples site k token by token, with the earlier sites' tokens as
+        prefix values (``earlier_lm_sites``) of every particle."""
+        return (self, *self.continuations)
+
+    @property
+    def lm_sites(self) -> tuple[LMSite, ...]:
+        """Every latent LM site, in program order."""
+        return tuple(phase.lm_site for phase in self.phases)
+
+    @property
+    def total_steps(self) -> int:
+        """Σ_k T_k: the tokens one sweep samples over all latent LM sites."""
+        return sum(site.max_new_tokens for site in self.lm_sites)
+
+    def refuse_several_sites(self, what: str) -> None:
+        """One-line :class:`ProgramError` when the program has more than one latent LM site
+        and ``what`` (a feature) supports only one."""
+        if self.continuations:
+            names = ", ".join(f"'{site.name}'" for site in self.lm_sites)
+            raise ProgramError(
+                f"{what} supports programs with one latent LM site; this one samples "
+                f"{len(self.lm_sites)}: {names}"
+            )
 
     @property
     def model_keys(self) -> tuple[str, ...]:
@@ -159,6 +191,7 @@ class ProgramStructure:
         parameters join :meth:`model_params`; see :func:`check_proposal`)."""
         if proposal is None:
             return self
+        self.refuse_several_sites("a proposal model")
         check_proposal(self.lm_site, proposal)
         models = self.models if proposal in self.models else (*self.models, proposal)
         return dataclasses.replace(self, models=models, proposal=proposal)
@@ -206,22 +239,29 @@ class _Stop(Exception):
 
 
 class _FirstLatentLM(Messenger):
-    """Placeholder value (or stop) at the first latent LM site; records what it saw."""
+    """Placeholder values (zeros) at the latent LM sites whose value is not already given
+    (by an inner ``substitute``); records the first such site, or the one named ``site``,
+    and stops there when ``stop``. ``messages`` lists every latent LM site it saw."""
 
-    def __init__(self, fn=None, stop: bool = False):
+    def __init__(self, fn=None, stop: bool = False, site: str | None = None):
         self.stop = stop
+        self.site = site
         self.site_message: dict | None = None
+        self.messages: list[dict] = []
         super().__init__(fn)
 
     def process_message(self, msg):
-        if msg["type"] != "sample" or self.site_message is not None:
+        if msg["type"] != "sample" or not isinstance(msg["fn"], LM) or msg["is_observed"]:
             return
-        if isinstance(msg["fn"], LM) and not msg["is_observed"]:
+        if msg["value"] is not None:  # an earlier LM site whose tokens are given
+            return
+        self.messages.append(msg)
+        if self.site_message is None and (self.site is None or msg["name"] == self.site):
             self.site_message = msg
             if self.stop:
                 raise _Stop
-            fn = msg["fn"]
-            msg["value"] = jnp.zeros((*fn.batch_shape, fn.max_new_tokens), jnp.int32)
+        fn = msg["fn"]
+        msg["value"] = jnp.zeros((*fn.batch_shape, fn.max_new_tokens), jnp.int32)
 
 
 class _SwapParams(Messenger):
@@ -280,7 +320,13 @@ def _observed_lm_site(
 
 
 def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
-    """Trace ``program(*args, **kwargs)`` abstractly and describe its sequential target."""
+    """Trace ``program(*args, **kwargs)`` abstractly and describe its sequential target.
+
+    A program with several latent LM sites (a title, then a story conditioned on it) is
+    described phase by phase: the returned structure is the first site's, and
+    :attr:`ProgramStructure.continuations` holds one structure per later site, whose
+    prefix sites include the earlier LM sites (their tokens are given when it runs).
+    """
     found: dict[str, Any] = {}
 
     def run(rng_key):
@@ -288,7 +334,7 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
         with handlers.trace() as trace:
             handlers.seed(marker, rng_key)(*args, **kwargs)
         found["trace"] = trace
-        found["site"] = marker.site_message
+        found["sites"] = marker.messages
         return 0
 
     try:
@@ -300,13 +346,20 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
             "made from a latent must be an array expression: e.g. a prompt per value padded "
             "to one width and indexed by it (lmppl.concat(PROMPTS[z])), or jnp.where"
         ) from None
-    site_message = found["site"]
+    site_messages: list[dict] = found["sites"]
     trace = found["trace"]
-    if site_message is None:
+    if not site_messages:
         raise ProgramError(
             "the program has no latent lmppl.LM site: sample one with "
             "numpyro.sample(name, lmppl.LM(...)) (observed LM sites only score data)"
         )
+    phases = [_describe_phase(trace, site_messages, k) for k in range(len(site_messages))]
+    return dataclasses.replace(phases[0], continuations=tuple(phases[1:]))
+
+
+def _describe_phase(trace: dict, site_messages: list[dict], k: int) -> ProgramStructure:
+    """The :class:`ProgramStructure` of the ``k``-th latent LM site of a traced program."""
+    site_message = site_messages[k]
     fn: LM = site_message["fn"]
     if fn.batch_shape:
         raise ProgramError(
@@ -321,6 +374,8 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
         eos_token_id=fn.eos_token_id,
         prompt_width=int(fn.prompt_tokens.shape[-1]),
     )
+    lm_values = {id(m["value"]): m["name"] for m in site_messages}
+    earlier = tuple(m["name"] for m in site_messages[:k])
     names = list(trace)
     position = names.index(lm_site.name)
     prefix: list[str] = []
@@ -350,9 +405,11 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
             if step is not None:
                 _, eos, sequence = step
                 if sequence is not site_message["value"]:
+                    if id(sequence) in lm_values:
+                        continue  # a potential of another LM site's phase
                     raise ProgramError(
-                        f"the per-step potential '{name}' must be applied to the latent LM "
-                        f"site '{lm_site.name}' itself"
+                        f"the per-step potential '{name}' must be applied to a latent LM "
+                        f"site itself ('{lm_site.name}')"
                     )
                 if eos != lm_site.eos_token_id:
                     raise ProgramError(
@@ -367,12 +424,6 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
                         "exists: sample it before the LM site"
                     )
                 steps.append(StepPotential(name, eos))
-        elif isinstance(msg["fn"], LM):
-            raise ProgramError(
-                f"the program has a second latent LM site '{name}' after '{lm_site.name}'; "
-                "lmppl samples one latent sequence per program (observe the others, or "
-                "sample them in a separate program)"
-            )
         elif index < position:
             prefix.append(name)
         else:
@@ -386,6 +437,7 @@ def discover(program: Callable, args: tuple, kwargs: dict) -> ProgramStructure:
         step_potentials=tuple(steps),
         models=tuple(models),
         observed_lms=tuple(observed_lms),
+        earlier_lm_sites=earlier,
     )
 
 
@@ -396,6 +448,7 @@ def run_prefix(
     kwargs: dict,
     model_params: ModelParams,
     rng_keys: jax.Array,
+    given: dict[str, jax.Array] | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """Run every particle's program up to the LM site.
 
@@ -403,11 +456,14 @@ def run_prefix(
     ``tokens [P]`` and ``length []`` when it is shared by all particles, or ``[N, P]`` and
     ``[N]`` when it depends on a latent site sampled before it (a persona, a topic: each
     particle then prefills its own prompt, see :func:`lmppl.decoding.prefill`).
+    ``given``: ``{site: [N, ...]}`` values substituted instead of sampled (the earlier
+    phases of a program with several latent LM sites: their tokens and latents).
     """
     swapped = _with_params(program, structure, model_params)
+    site = structure.lm_site.name
 
-    def one(rng_key):
-        marker = _FirstLatentLM(swapped, stop=True)
+    def one(rng_key, given_row):
+        marker = _FirstLatentLM(handlers.substitute(swapped, data=given_row), True, site)
         with handlers.trace() as trace:
             try:
                 handlers.seed(marker, rng_key)(*args, **kwargs)
@@ -417,13 +473,14 @@ def run_prefix(
         values = {name: trace[name]["value"] for name in structure.prefix_sites}
         return values, fn.prompt_tokens, fn.prompt_length
 
+    given = {} if given is None else given
     try:
-        return jax.vmap(one, out_axes=(0, None, None))(rng_keys)
+        return jax.vmap(one, out_axes=(0, None, None))(rng_keys, given)
     except ValueError as error:
         if "out_axes" not in str(error):
             raise
     # The prompt depends on a prefix latent: one prompt per particle.
-    return jax.vmap(one)(rng_keys)
+    return jax.vmap(one)(rng_keys, given)
 
 
 def per_particle_prompt(prompt_tokens: jax.Array) -> bool:
@@ -439,7 +496,7 @@ def prefix_supports(
 
     Raises :class:`ProgramError` for a site without a finite support (``enumerate_support``).
     """
-    marker = _FirstLatentLM(program, stop=True)
+    marker = _FirstLatentLM(program, stop=True, site=structure.lm_site.name)
     with handlers.trace() as trace:
         try:
             handlers.seed(marker, jax.random.key(0))(*args, **kwargs)
@@ -448,6 +505,12 @@ def prefix_supports(
     supports = {}
     for name in structure.prefix_sites:
         fn = trace[name]["fn"]
+        if name in structure.earlier_lm_sites:  # every token sequence (invalid ones score -inf)
+            supports[name] = jnp.asarray(
+                list(itertools.product(range(fn.model.vocab_size), repeat=fn.max_new_tokens)),
+                jnp.int32,
+            )
+            continue
         if not getattr(fn, "has_enumerate_support", False):
             raise ProgramError(
                 f"the latent site '{name}' ({type(fn).__name__}) has no finite support to "
@@ -471,9 +534,12 @@ def run_prefix_given(
     values: dict[str, jax.Array],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The program up to the LM site with its prefix latents set to ``values`` (one value
-    per site): ``(log p(values), prompt tokens [P], prompt length [])``."""
+    per site): ``(log p(values), prompt tokens [P], prompt length [])``. An earlier LM site's
+    ``log p`` is its teacher-forced ``log p0`` (−inf for a sequence outside its support)."""
     swapped = _with_params(program, structure, model_params)
-    marker = _FirstLatentLM(handlers.substitute(swapped, data=values), stop=True)
+    marker = _FirstLatentLM(
+        handlers.substitute(swapped, data=values), stop=True, site=structure.lm_site.name
+    )
     with handlers.trace() as trace:
         try:
             handlers.seed(marker, jax.random.key(0))(*args, **kwargs)
@@ -499,6 +565,7 @@ def run_suffix(
     sequences: jax.Array,
     include_step_potentials: bool,
     scored: frozenset[str] = frozenset(),
+    applied: frozenset[str] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
     """``log φ`` for each particle's sequence.
 
@@ -509,13 +576,18 @@ def run_suffix(
       include_step_potentials: add per-step potentials (``False`` when SMC applied them).
       scored: observed sites SMC already scored token by token (:class:`ObservedLMSite`):
         neither evaluated nor added (their log-probabilities come from the sweep).
+      applied: the per-step potentials SMC applied (evaluated, reported, not added) when
+        ``include_step_potentials`` is False; default: this structure's own (a program
+        with several LM sites passes every phase's).
 
     Returns:
       ``log_phi [N]``, ``{site: [N]}`` summed log-probability of every observed site and
       factor, and ``{site: [N, ...]}`` values of later latent and deterministic sites.
     """
     swapped = _with_params(program, structure, model_params)
-    skip = set() if include_step_potentials else {s.name for s in structure.step_potentials}
+    if applied is None:
+        applied = frozenset(s.name for s in structure.step_potentials)
+    skip = set() if include_step_potentials else set(applied)
     lm_name = structure.lm_site.name
 
     def one(rng_key, values, sequence):

@@ -32,6 +32,7 @@ from lmppl.infer.kernel import (
     _constrain,
     build_kernel,
     check_options,
+    close_phase,
     finalize,
     init,
 )
@@ -65,7 +66,7 @@ class Sweep:
         structure: ProgramStructure,
         program: Callable,
         options: SweepOptions,
-        twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
+        twist_apply: Callable[[Any, TwistInputs], jax.Array] | tuple | None,
         twist_condition: Callable[..., Any] | None,
     ):
         check_options(structure, options)
@@ -78,27 +79,64 @@ class Sweep:
     def _target(self, args, kwargs) -> BoundProgram:
         return BoundProgram(self.structure, self.program, args, kwargs)
 
+    def _twists(self, twist_params) -> list[tuple[Any, Any]]:
+        """``(twist_apply, twist_params)`` per phase (one phase per latent LM site; with
+        several, both are tuples over the phases, ``None`` for an untwisted site)."""
+        phases = self.structure.phases
+        if len(phases) == 1:
+            return [(self.twist_apply, twist_params)]
+        applies = (
+            self.twist_apply if isinstance(self.twist_apply, tuple) else (None,) * len(phases)
+        )
+        params = twist_params if twist_params is not None else (None,) * len(phases)
+        return list(zip(applies, params, strict=True))
+
     def advance(self, rng_key, model_params, twist_params, args, kwargs, reference=None):
-        """``(suffix_key, particles, info)``: init and the kernel scanned over the T steps."""
+        """``(suffix_key, particles, info)``: init and the kernel scanned over the T steps.
+
+        A program with several latent LM sites runs one scan per site, in program order,
+        each continuing the previous one's particles (:func:`~lmppl.infer.kernel.init` with
+        ``previous``); ``info`` is concatenated over all their steps and ``reference`` is
+        the concatenation of the sites' clamped sequences."""
         options, num = self.options, self.options.num_particles
-        steps = self.structure.lm_site.max_new_tokens
         prefix_key, step_key, suffix_key = jax.random.split(rng_key, 3)
-        target = self._target(args, kwargs)
-        state = init(prefix_key, target, model_params, num, options)
-        state = _constrain(state, options.particle_sharding, num)
         condition = (
             self.twist_condition(*args, **kwargs) if self.twist_condition is not None else None
         )
-        step = build_kernel(
-            target, model_params, options, self.twist_apply, twist_params, condition, reference
-        )
+        state, infos, offset = None, [], 0
+        phases = self.structure.phases
+        for index, (phase, (twist_apply, phase_twist)) in enumerate(
+            zip(phases, self._twists(twist_params), strict=True)
+        ):
+            steps = phase.lm_site.max_new_tokens
+            target = BoundProgram(phase, self.program, args, kwargs)
+            if state is not None:
+                state = close_phase(phases[index - 1], state, options)
+            phase_key = jax.random.fold_in(prefix_key, index) if index else prefix_key
+            state = init(phase_key, target, model_params, num, options, previous=state)
+            state = _constrain(state, options.particle_sharding, num)
+            phase_reference = None if reference is None else reference[offset : offset + steps]
+            step = build_kernel(
+                target,
+                model_params,
+                options,
+                twist_apply,
+                phase_twist,
+                condition if twist_apply is not None else None,
+                phase_reference,
+                offset,
+            )
 
-        def scan_step(state: ParticleState, inputs):
-            t, key = inputs
-            return step(key, state, t)
+            def scan_step(state: ParticleState, inputs, step=step):
+                t, key = inputs
+                return step(key, state, t)
 
-        keys = jax.random.split(step_key, steps)
-        state, info = jax.lax.scan(scan_step, state, (jnp.arange(steps), keys))
+            phase_step_key = jax.random.fold_in(step_key, index) if index else step_key
+            keys = jax.random.split(phase_step_key, steps)
+            state, info = jax.lax.scan(scan_step, state, (jnp.arange(steps), keys))
+            infos.append(info)
+            offset += steps
+        info = infos[0] if len(infos) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *infos)
         slim = lambda d: d._replace(cache=None, logits=None, hidden=None)
         state = state._replace(
             decode=slim(state.decode),
@@ -122,7 +160,7 @@ def build_sweep(
     structure: ProgramStructure,
     program: Callable,
     options: SweepOptions,
-    twist_apply: Callable[[Any, TwistInputs], jax.Array] | None,
+    twist_apply: Callable[[Any, TwistInputs], jax.Array] | tuple | None,
     twist_condition: Callable[..., Any] | None = None,
 ) -> Sweep:
     """The (unjitted) :class:`Sweep` ``sweep(rng_key, model_params, twist_params, args, kwargs,
@@ -132,6 +170,8 @@ def build_sweep(
     twist's parameter pytree (or None); ``reference`` is the clamped sequence ``[T]`` of a
     conditional sweep (None otherwise); ``twist_condition(*args, **kwargs)``, if given, is
     handed to the twist as ``TwistInputs.condition``. The caller jits it (whole, or its
-    two halves ``advance`` and ``finish``).
+    two halves ``advance`` and ``finish``). For a program with several latent LM sites
+    (``structure.continuations``), ``twist_apply`` and ``twist_params`` are tuples with
+    one entry per site (``None``: that site is untwisted).
     """
     return Sweep(structure, program, options, twist_apply, twist_condition)

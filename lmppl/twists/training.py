@@ -109,6 +109,7 @@ def build_train_step(
     other arguments of the same shapes: no recompilation); ``targets`` ``[m, T]`` are
     exact σ samples for them (the positives; exclusive with ``target_sampler``)."""
     structure = discover(program, args, kwargs)
+    structure.refuse_several_sites("twist training")
     if structure.step_potentials:
         raise ProgramError(
             "twist training does not support per-step potentials yet: "

@@ -93,13 +93,19 @@ def test_missing_twist_for_site():
         lmppl.infer.TwistedSMC(program, 4, twists={"other": lambda i: 0}).run(jax.random.key(0))
 
 
-def test_second_latent_lm_site_is_refused():
+def test_particle_gibbs_refuses_a_second_latent_lm_site():
+    """Several LM sites run in one sweep (tests/infer/test_several_lm_sites.py); particle
+    Gibbs still clamps one site, and says so in one line."""
+
     def program():
         a = numpyro.sample("a", lmppl.LM(LM, "a", 2))
         numpyro.sample("b", lmppl.LM(LM, lmppl.concat("a", a), 2))
 
-    with pytest.raises(ValueError, match="second latent LM site 'b'"):
-        lmppl.infer.SMC(program, 4).run(jax.random.key(0))
+    gibbs = lmppl.infer.ParticleGibbs(
+        lmppl.infer.SMC(program, 4), num_iterations=2, num_chains=1, progress=False
+    )
+    with pytest.raises(ValueError, match="ParticleGibbs supports programs with one latent LM"):
+        gibbs.run(jax.random.key(0))
 
 
 def test_unknown_resampler():
