@@ -85,9 +85,7 @@ class Sweep:
         phases = self.structure.phases
         if len(phases) == 1:
             return [(self.twist_apply, twist_params)]
-        applies = (
-            self.twist_apply if isinstance(self.twist_apply, tuple) else (None,) * len(phases)
-        )
+        applies = self.twist_apply if isinstance(self.twist_apply, tuple) else (None,) * len(phases)
         params = twist_params if twist_params is not None else (None,) * len(phases)
         return list(zip(applies, params, strict=True))
 
