@@ -42,14 +42,18 @@ __all__ = [
 class KVCache(NamedTuple):
     """Static-shape key/value cache, particle axis leading.
 
+    Every layer's keys (values) live in one buffer, the layer axis second, so the layer
+    scan of :class:`lmppl.lm.layers.LayerStack` writes layer ``l``'s new rows into slot
+    ``l`` in place and the batch axis still leads every leaf.
+
     Fields:
-      keys: per layer ``[B, L, H_kv, D]``.
-      values: per layer ``[B, L, H_kv, D]``.
+      keys: ``[B, layers, L, H_kv, D]``.
+      values: ``[B, layers, L, H_kv, D]``.
       length: ``[B]`` int32, positions already written in each row.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     length: jax.Array
 
 

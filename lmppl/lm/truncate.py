@@ -38,8 +38,7 @@ def truncated(lm: LanguageModel, num_layers: int) -> LanguageModel:
     config = dataclasses.replace(
         lm.config, num_layers=num_layers, attention_layers=kinds[:num_layers] if kinds else kinds
     )
-    setattr(
-        network, blocks, type(getattr(network, blocks))(list(getattr(network, blocks))[:num_layers])
-    )
+    # The blocks are a LayerStack: parameters [L, ...] sliced to their first num_layers rows.
+    setattr(network, blocks, getattr(network, blocks).truncated(num_layers))
     network.config = config  # type: ignore[attr-defined]  # every lmppl network has one
     return LanguageModel(network, config, lm.tokenizer, f"{lm.name}[:{num_layers} layers]")
