@@ -42,18 +42,16 @@ __all__ = [
 class KVCache(NamedTuple):
     """Static-shape key/value cache, particle axis leading.
 
-    Every layer's keys (values) live in one buffer, the layer axis second, so the layer
-    scan of :class:`lmppl.lm.layers.LayerStack` writes layer ``l``'s new rows into slot
-    ``l`` in place and the batch axis still leads every leaf.
-
     Fields:
-      keys: ``[B, layers, L, H_kv, D]``.
-      values: ``[B, layers, L, H_kv, D]``.
+      keys: per layer ``[B, L, H_kv, D]`` (a tuple), or for scanned blocks
+        (:func:`lmppl.lm.scanned`) one ``[B, layers, L, H_kv, D]`` array, the layer axis
+        second so that the batch axis still leads.
+      values: as ``keys``.
       length: ``[B]`` int32, positions already written in each row.
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     length: jax.Array
 
 

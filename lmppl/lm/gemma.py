@@ -13,9 +13,9 @@ Attention (:class:`lmppl.lm.llama.LlamaAttention`) scores are scaled by
 heads instead. Layers alternate between a sliding window (``"local"``) and global attention
 (Gemma 2: every other layer; Gemma 3: five local then one global), and Gemma 3's local layers
 use their own RoPE base (``config.local_rope_theta``). The window is a mask on lmppl's
-full-length cache, so sequences longer than the window are exact. The blocks are one
-scanned :class:`~lmppl.lm.layers.LayerStack`; the local/global pattern is a per-layer flag
-array scanned with the parameters (one compiled block body for both kinds). Tensors are named as in
+full-length cache, so sequences longer than the window are exact. Scanned
+(:func:`lmppl.lm.scanned`), the local/global pattern is a per-layer flag array scanned with
+the parameters (one compiled block body for both kinds). Tensors are named as in
 ``transformers``' ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` state dicts.
 """
 
@@ -33,8 +33,8 @@ from lmppl.lm.layers import (
     ParameterSource,
     RMSNorm,
     empty_cache,
-    local_layer_flags,
     next_cache,
+    run_layers,
     token_positions,
 )
 from lmppl.lm.llama import LlamaAttention, LlamaMLP
@@ -83,7 +83,7 @@ class GemmaNetwork(nnx.Module):
         vocab, hidden = config.vocab_size, config.hidden_size
         self.config = config
         self.embed_tokens = Embedding(get("model.embed_tokens.weight", (vocab, hidden)))
-        self.layers = LayerStack.from_blocks(
+        self.layers = nnx.List(
             [GemmaBlock(config, get, f"model.layers.{i}") for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(
@@ -96,9 +96,13 @@ class GemmaNetwork(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: keys/values ``[batch_size, L, max_length, H_kv, D]``, length 0."""
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H_kv, D]``; one
+        ``[batch_size, L, max_length, H_kv, D]`` buffer when the blocks are scanned)."""
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype)
+        stacked = isinstance(self.layers, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -109,9 +113,7 @@ class GemmaNetwork(nnx.Module):
         x = self.embed_tokens(tokens)
         # transformers rounds the multiplier to the parameter dtype before multiplying.
         multiplier = jnp.asarray(self.config.embedding_multiplier, jnp.float32).astype(x.dtype)
-        x, keys, values = self.layers(
-            x * multiplier, cache, positions, local_layer_flags(self.config)
-        )
+        x, keys, values = run_layers(self.layers, x * multiplier, cache, positions, self.config)
         hidden = self.norm(x)
         output_embedding = self.embed_tokens if self.lm_head is None else self.lm_head
         logits = output_embedding.attend(hidden)

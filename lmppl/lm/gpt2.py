@@ -10,7 +10,7 @@ Learned absolute positions, pre-LayerNorm blocks, fused query/key/value projecti
 
 Hugging Face stores GPT-2's projections as ``Conv1D`` with weights already ``[in, out]``
 (``transformer.h.{i}.attn.c_attn.weight`` is ``[H, 3H]``), so they are used untransposed.
-The blocks are one scanned :class:`~lmppl.lm.layers.LayerStack` (parameters ``[L, ...]``).
+:func:`lmppl.lm.scanned` makes the blocks one scanned :class:`~lmppl.lm.layers.LayerStack`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from lmppl.lm.layers import (
     default_scale,
     empty_cache,
     next_cache,
+    run_layers,
     token_positions,
 )
 
@@ -119,7 +120,7 @@ class GPT2Network(nnx.Module):
         self.config = config
         self.wte = Embedding(get("transformer.wte.weight", (vocab, hidden)))
         self.wpe = Embedding(get("transformer.wpe.weight", (config.context_length, hidden)))
-        self.h = LayerStack.from_blocks(
+        self.h = nnx.List(
             [GPT2Block(config, get, f"transformer.h.{i}") for i in range(config.num_layers)]
         )
         self.ln_f = layer_norm(get, "transformer.ln_f", hidden, config.norm_eps)
@@ -130,9 +131,13 @@ class GPT2Network(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: keys/values ``[batch_size, L, max_length, H, D]``, length 0."""
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H, D]``; one
+        ``[batch_size, L, max_length, H, D]`` buffer when the blocks are scanned)."""
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype)
+        stacked = isinstance(self.h, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -141,7 +146,7 @@ class GPT2Network(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.wte(tokens) + self.wpe(positions)
-        x, keys, values = self.h(x, cache, positions)
+        x, keys, values = run_layers(self.h, x, cache, positions, self.config)
         hidden = self.ln_f(x)
         output_embedding = self.wte if self.lm_head is None else self.lm_head
         return LMOutput(

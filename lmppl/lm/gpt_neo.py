@@ -11,8 +11,8 @@ differences that matter for exactness:
   (``transformer.h.{i}.attn.attention.q_proj.weight`` ``[H, H]``) and ``out_proj`` has a bias;
   the MLP's ``c_fc`` / ``c_proj`` are ``nn.Linear`` too (``[out, in]``), unlike GPT-2's Conv1D.
 
-The blocks are one scanned :class:`~lmppl.lm.layers.LayerStack`; the global/local pattern is
-a per-layer flag array scanned with the parameters.
+Scanned (:func:`lmppl.lm.scanned`), the global/local pattern is a per-layer flag array
+scanned with the parameters.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from lmppl.lm.layers import (
     empty_cache,
     layer_window,
     linear_from_torch,
-    local_layer_flags,
     next_cache,
+    run_layers,
     token_positions,
 )
 
@@ -121,7 +121,7 @@ class GPTNeoNetwork(nnx.Module):
         self.config = config
         self.wte = Embedding(get("transformer.wte.weight", (vocab, hidden)))
         self.wpe = Embedding(get("transformer.wpe.weight", (config.context_length, hidden)))
-        self.h = LayerStack.from_blocks(
+        self.h = nnx.List(
             [GPTNeoBlock(config, get, f"transformer.h.{i}") for i in range(config.num_layers)]
         )
         self.ln_f = layer_norm(get, "transformer.ln_f", hidden, config.norm_eps)
@@ -132,13 +132,17 @@ class GPTNeoNetwork(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: keys/values ``[batch_size, L, max_length, H, D]``, length 0.
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H, D]``; one
+        ``[batch_size, L, max_length, H, D]`` buffer when the blocks are scanned).
 
         Local layers keep the full ``max_length`` too, so every layer shares one layout and
         the cache reorders and broadcasts like any other.
         """
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype)
+        stacked = isinstance(self.h, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -147,7 +151,7 @@ class GPTNeoNetwork(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.wte(tokens) + self.wpe(positions)
-        x, keys, values = self.h(x, cache, positions, local_layer_flags(self.config))
+        x, keys, values = run_layers(self.h, x, cache, positions, self.config)
         hidden = self.ln_f(x)
         output_embedding = self.wte if self.lm_head is None else self.lm_head
         return LMOutput(

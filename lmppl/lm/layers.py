@@ -14,13 +14,17 @@ whatever the parameter dtype. Positions at or past the cache length ``L`` are no
 its ``length`` (right padding) are never visible to its real queries and are overwritten by
 the row's next tokens.
 
-The ``L`` blocks of a network are one :class:`LayerStack`: a single block module whose
-parameters carry a leading layer axis ``[L, ...]``, applied by ``jax.lax.scan`` so that XLA
-compiles one block body whatever the depth. The cache holds every layer in one buffer
-``[B, L, T, H_kv, D]`` (batch axis leading, layer axis second); layer ``l`` writes its new
-keys and values into slot ``l`` and attends that slot. Layers that differ (sliding-window
-``"local"`` layers among global ones, Gemma 3's local RoPE base) share the block and are
-told apart by a per-layer flag scanned with the parameters (see :func:`local_layer_flags`).
+The ``L`` blocks of a network are applied in one of two ways. By default they are an
+``nnx.List`` unrolled in Python (:func:`run_blocks`): XLA compiles ``L`` copies of the block,
+each specialised to its layer (window, RoPE base), and the cache holds one buffer
+``[B, L, H_kv, D]`` per layer. :func:`lmppl.lm.scanned` turns them into one
+:class:`LayerStack`: a single block whose parameters carry a leading layer axis
+``[layers, ...]``, applied by ``jax.lax.scan`` so that XLA compiles one block body whatever
+the depth; its cache holds every layer in one buffer ``[B, layers, L, H_kv, D]`` (batch axis
+still leading), layer ``l`` writing into and attending slot ``l``. Layers that differ
+(sliding-window ``"local"`` layers among global ones, Gemma 3's local RoPE base) share the
+scanned block and are told apart by a per-layer flag scanned with the parameters (see
+:func:`local_layer_flags`).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ __all__ = [
     "linear_from_torch",
     "local_layer_flags",
     "next_cache",
+    "run_blocks",
+    "run_layers",
     "token_positions",
     "write_rows",
 ]
@@ -237,8 +243,11 @@ def write_rows(
     return buffer.at[rows, layer, positions].set(new.astype(buffer.dtype), mode="drop")
 
 
-def layer_slot(buffer: jax.Array, layer: jax.Array | int) -> jax.Array:
-    """Layer ``layer``'s ``[B, L, H_kv, D]`` of a stacked cache buffer ``[B, layers, L, H_kv, D]``."""
+def layer_slot(buffer: jax.Array, layer: jax.Array | int | None) -> jax.Array:
+    """Layer ``layer``'s ``[B, L, H_kv, D]`` of a stacked cache buffer ``[B, layers, L, H_kv, D]``
+    (``layer`` ``None``: ``buffer`` is already one layer's)."""
+    if layer is None:
+        return buffer
     return jax.lax.dynamic_index_in_dim(buffer, layer, axis=1, keepdims=False)
 
 
@@ -249,13 +258,13 @@ def cached_attention(
     cache_keys: jax.Array,
     cache_values: jax.Array,
     positions: jax.Array,
-    layer: jax.Array | int,
+    layer: jax.Array | int | None = None,
     *,
     scale: float,
     window: int | jax.Array | None = None,
     softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write the new keys/values into the layer's cache slot, then attend with a causal (windowed) mask.
+    """Write the new keys/values into the layer's cache, then attend with a causal (windowed) mask.
 
     For query head ``h`` (served by key/value head ``h // G``, ``G = H_q / H_kv``) at position
     ``q``: ``out = sum_j softmax_j(scale * <query, K_j>) V_j`` over cache positions ``j <= q``
@@ -265,9 +274,11 @@ def cached_attention(
     Args:
       query: ``[B, S, H_q, D]``.
       key, value: ``[B, S, H_kv, D]``, the new tokens' keys and values.
-      cache_keys, cache_values: every layer's cache ``[B, layers, L, H_kv, D]``.
+      cache_keys, cache_values: this layer's cache ``[B, L, H_kv, D]``, or with ``layer``
+        every layer's ``[B, layers, L, H_kv, D]``.
       positions: ``[B, S]`` positions of the new tokens.
-      layer: this layer's slot in the cache (a traced scalar inside the layer scan).
+      layer: this layer's slot in a stacked cache (a traced scalar inside the layer scan),
+        or ``None`` for a per-layer cache.
       scale: score multiplier (``1/sqrt(D)``, or 1 for GPT-Neo).
       window: local attention width, or ``None`` for global attention (a traced scalar
         when local and global layers share one scanned block; global ones then get a
@@ -363,21 +374,35 @@ def default_scale(head_dim: int) -> float:
 
 
 def empty_cache(
-    num_layers: int, batch_size: int, max_length: int, kv_heads: int, head_dim: int, dtype
+    num_layers: int,
+    batch_size: int,
+    max_length: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype,
+    stacked: bool = False,
 ) -> KVCache:
-    """A zero :class:`KVCache`: keys/values ``[B, layers, L, H_kv, D]``, length 0."""
-    shape = (batch_size, num_layers, max_length, kv_heads, head_dim)
+    """A zero :class:`KVCache` of length 0: per layer keys/values ``[B, L, H_kv, D]``, or
+    with ``stacked`` (a :class:`LayerStack`) one ``[B, layers, L, H_kv, D]`` buffer each."""
+    if stacked:
+        shape = (batch_size, num_layers, max_length, kv_heads, head_dim)
+        return KVCache(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            length=jnp.zeros((batch_size,), jnp.int32),
+        )
+    shape = (batch_size, max_length, kv_heads, head_dim)
     return KVCache(
-        keys=jnp.zeros(shape, dtype),
-        values=jnp.zeros(shape, dtype),
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
         length=jnp.zeros((batch_size,), jnp.int32),
     )
 
 
 def next_cache(
     cache: KVCache,
-    keys: jax.Array,
-    values: jax.Array,
+    keys: jax.Array | Sequence[jax.Array],
+    values: jax.Array | Sequence[jax.Array],
     token_counts: jax.Array | None,
     steps: int,
 ) -> KVCache:
@@ -386,6 +411,8 @@ def next_cache(
         advance = jnp.full_like(cache.length, steps)
     else:
         advance = jnp.asarray(token_counts).astype(jnp.int32)
+    if not isinstance(keys, jax.Array):
+        keys, values = tuple(keys), tuple(values)
     return KVCache(keys=keys, values=values, length=cache.length + advance)
 
 
@@ -494,3 +521,36 @@ class LayerStack(nnx.Module):
             body, (x, cache.keys, cache.values), (state, layers, flags)
         )
         return x, keys, values
+
+
+def run_blocks(
+    blocks: Sequence[nnx.Module],
+    x: jax.Array,
+    cache: KVCache,
+    positions: jax.Array,
+    local: Sequence[bool],
+) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """Apply residual blocks in order (unrolled), each ``block(x, keys, values, positions,
+    None, local[l])`` on its own cache buffers, ``local[l]`` a static Python bool.
+
+    Returns the last hidden states and every layer's updated cache keys and values.
+    """
+    keys, values = [], []
+    for block, layer_keys, layer_values, layer_local in zip(
+        blocks, cache.keys, cache.values, local, strict=True
+    ):
+        x, layer_keys, layer_values = block(x, layer_keys, layer_values, positions, None, layer_local)
+        keys.append(layer_keys)
+        values.append(layer_values)
+    return x, keys, values
+
+
+def run_layers(
+    layers: nnx.Module, x: jax.Array, cache: KVCache, positions: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array | list[jax.Array], jax.Array | list[jax.Array]]:
+    """Apply a network's blocks: scanned when ``layers`` is a :class:`LayerStack`, else
+    unrolled (:func:`run_blocks`, each layer specialised to its kind)."""
+    if isinstance(layers, LayerStack):
+        return layers(x, cache, positions, local_layer_flags(config))
+    local = [config.is_local_layer(layer) for layer in range(config.num_layers)]
+    return run_blocks(layers, x, cache, positions, local)

@@ -18,9 +18,10 @@ tensors named as in ``transformers``' ``LlamaForCausalLM`` state dict
 (``model.layers.{i}.self_attn.q_proj.weight``, ...; Phi-3's fused ones, Qwen3's
 ``self_attn.q_norm.weight``). The attention module is shared with :mod:`lmppl.lm.gemma`.
 
-The ``L`` blocks are one :class:`~lmppl.lm.layers.LayerStack` (parameters ``[L, ...]``,
-applied by ``jax.lax.scan``); a block is told whether it is a local layer by a flag, so
-every layer has the same structure whatever ``config.attention_layers`` says.
+A block is told whether it is a local layer by a flag, so every layer has the same
+structure whatever ``config.attention_layers`` says: the blocks are an unrolled ``nnx.List``
+(each call passes its layer's static flag) or, after :func:`lmppl.lm.scanned`, one
+:class:`~lmppl.lm.layers.LayerStack` applied by ``jax.lax.scan``.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from lmppl.lm.layers import (
     empty_cache,
     layer_window,
     linear_from_torch,
-    local_layer_flags,
     next_cache,
+    run_layers,
     token_positions,
 )
 from lmppl.lm.rope import rope_frequencies
@@ -225,7 +226,7 @@ class LlamaNetwork(nnx.Module):
         vocab, hidden = config.vocab_size, config.hidden_size
         self.config = config
         self.embed_tokens = Embedding(get("model.embed_tokens.weight", (vocab, hidden)))
-        self.layers = LayerStack.from_blocks(
+        self.layers = nnx.List(
             [LlamaBlock(config, get, f"model.layers.{i}") for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(get("model.norm.weight", (hidden,)), config.norm_eps)
@@ -236,9 +237,13 @@ class LlamaNetwork(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: keys/values ``[batch_size, L, max_length, H_kv, D]``, length 0."""
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H_kv, D]``; one
+        ``[batch_size, L, max_length, H_kv, D]`` buffer when the blocks are scanned)."""
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype)
+        stacked = isinstance(self.layers, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -247,7 +252,7 @@ class LlamaNetwork(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.embed_tokens(tokens)
-        x, keys, values = self.layers(x, cache, positions, local_layer_flags(self.config))
+        x, keys, values = run_layers(self.layers, x, cache, positions, self.config)
         hidden = self.norm(x)
         output_embedding = self.embed_tokens if self.lm_head is None else self.lm_head
         return LMOutput(
