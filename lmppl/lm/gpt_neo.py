@@ -27,9 +27,9 @@ from lmppl.lm.gpt2 import layer_norm
 from lmppl.lm.layers import (
     ACTIVATIONS,
     Embedding,
+    LayerStack,
     ParameterSource,
     cached_attention,
-    LayerStack,
     empty_cache,
     layer_window,
     linear_from_torch,

@@ -513,7 +513,9 @@ class LayerStack(nnx.Module):
             x, keys, values = carry
             layer_state, layer, layer_local = layer_inputs
             block = nnx.merge(graphdef, layer_state)
-            x, keys, values = block(x, keys, values, positions, layer, local if shared else layer_local)
+            x, keys, values = block(
+                x, keys, values, positions, layer, local if shared else layer_local
+            )
             return (x, keys, values), None
 
         layers = jnp.arange(self.num_layers, dtype=jnp.int32)
@@ -539,7 +541,9 @@ def run_blocks(
     for block, layer_keys, layer_values, layer_local in zip(
         blocks, cache.keys, cache.values, local, strict=True
     ):
-        x, layer_keys, layer_values = block(x, layer_keys, layer_values, positions, None, layer_local)
+        x, layer_keys, layer_values = block(
+            x, layer_keys, layer_values, positions, None, layer_local
+        )
         keys.append(layer_keys)
         values.append(layer_values)
     return x, keys, values

@@ -108,7 +108,11 @@ class LlamaAttention(nnx.Module):
         if isinstance(local, bool) or self.local_rope == self.global_rope:
             rope = self.local_rope if local is True else self.global_rope
             theta, frequencies, factor = rope
-            return theta, None if frequencies is None else jnp.asarray(frequencies, jnp.float32), factor
+            return (
+                theta,
+                None if frequencies is None else jnp.asarray(frequencies, jnp.float32),
+                factor,
+            )
 
         def frequencies_of(rope: tuple) -> jax.Array:
             theta, frequencies, _ = rope
@@ -116,7 +120,9 @@ class LlamaAttention(nnx.Module):
                 return default_inverse_frequencies(self.head_dim, theta)
             return jnp.asarray(frequencies, jnp.float32)
 
-        inverse = jnp.where(local, frequencies_of(self.local_rope), frequencies_of(self.global_rope))
+        inverse = jnp.where(
+            local, frequencies_of(self.local_rope), frequencies_of(self.global_rope)
+        )
         local_factor, global_factor = self.local_rope[2], self.global_rope[2]
         factor = (
             global_factor

@@ -30,8 +30,9 @@ def test_init_cache_layout(get_twin, case):
     config = lm.config
     cache = lm.init_cache(3, CACHE_LENGTH)
     assert isinstance(cache, KVCache)
-    expected = (3, config.num_layers, CACHE_LENGTH, config.num_kv_heads, config.head_dim)
-    assert cache.keys.shape == cache.values.shape == expected
+    assert len(cache.keys) == len(cache.values) == config.num_layers
+    expected = (3, CACHE_LENGTH, config.num_kv_heads, config.head_dim)
+    assert all(leaf.shape == expected for leaf in (*cache.keys, *cache.values))
     assert cache.length.shape == (3,) and cache.length.dtype == jnp.int32
     assert all(leaf.shape[0] == 3 for leaf in jax.tree.leaves(cache))
 
