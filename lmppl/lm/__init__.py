@@ -27,7 +27,7 @@ from lmppl.lm.tokenizers import (
     load_llama2c_tokenizer,
     tokenizer_from_gguf_metadata,
 )
-from lmppl.lm.truncate import truncated
+from lmppl.lm.truncate import scanned, truncated
 
 __all__ = [
     "FAMILIES",
@@ -60,6 +60,7 @@ __all__ = [
     "read_llama2c",
     "reorder_cache",
     "rope_frequencies",
+    "scanned",
     "table_lm",
     "truncated",
     "tokenizer_from_gguf_metadata",

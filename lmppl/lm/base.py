@@ -43,13 +43,15 @@ class KVCache(NamedTuple):
     """Static-shape key/value cache, particle axis leading.
 
     Fields:
-      keys: per layer ``[B, L, H_kv, D]``.
-      values: per layer ``[B, L, H_kv, D]``.
+      keys: per layer ``[B, L, H_kv, D]`` (a tuple), or for scanned blocks
+        (:func:`lmppl.lm.scanned`) one ``[B, layers, L, H_kv, D]`` array, the layer axis
+        second so that the batch axis still leads.
+      values: as ``keys``.
       length: ``[B]`` int32, positions already written in each row.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     length: jax.Array
 
 

@@ -10,6 +10,7 @@ Learned absolute positions, pre-LayerNorm blocks, fused query/key/value projecti
 
 Hugging Face stores GPT-2's projections as ``Conv1D`` with weights already ``[in, out]``
 (``transformer.h.{i}.attn.c_attn.weight`` is ``[H, 3H]``), so they are used untransposed.
+:func:`lmppl.lm.scanned` makes the blocks one scanned :class:`~lmppl.lm.layers.LayerStack`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from lmppl.lm.layers import (
     ACTIVATIONS,
     Embedding,
     LayerNorm,
+    LayerStack,
     Linear,
     ParameterSource,
     cached_attention,
     default_scale,
     empty_cache,
     next_cache,
-    run_blocks,
+    run_layers,
     token_positions,
 )
 
@@ -59,8 +61,9 @@ class GPT2Attention(nnx.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
 
-    def __call__(self, x, cache_keys, cache_values, positions):
-        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values)."""
+    def __call__(self, x, cache_keys, cache_values, positions, layer):
+        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values);
+        the stacked cache's slot ``layer`` is this layer's."""
         batch, steps, _ = x.shape
         heads = (batch, steps, self.num_heads, self.head_dim)
         query, key, value = jnp.split(self.c_attn(x), 3, axis=-1)
@@ -71,6 +74,7 @@ class GPT2Attention(nnx.Module):
             cache_keys,
             cache_values,
             positions,
+            layer,
             scale=default_scale(self.head_dim),
         )
         return self.c_proj(output.reshape(batch, steps, -1)), cache_keys, cache_values
@@ -99,9 +103,9 @@ class GPT2Block(nnx.Module):
         self.ln_2 = layer_norm(get, f"{prefix}.ln_2", hidden, eps)
         self.mlp = GPT2MLP(config, get, f"{prefix}.mlp")
 
-    def __call__(self, x, cache_keys, cache_values, positions):
+    def __call__(self, x, cache_keys, cache_values, positions, layer, local=False):
         attended, cache_keys, cache_values = self.attn(
-            self.ln_1(x), cache_keys, cache_values, positions
+            self.ln_1(x), cache_keys, cache_values, positions, layer
         )
         x = x + attended
         x = x + self.mlp(self.ln_2(x))
@@ -127,9 +131,13 @@ class GPT2Network(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: per layer ``[batch_size, max_length, H, D]``, length 0."""
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H, D]``; one
+        ``[batch_size, L, max_length, H, D]`` buffer when the blocks are scanned)."""
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype)
+        stacked = isinstance(self.h, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -138,7 +146,7 @@ class GPT2Network(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.wte(tokens) + self.wpe(positions)
-        x, keys, values = run_blocks(self.h, x, cache, positions)
+        x, keys, values = run_layers(self.h, x, cache, positions, self.config)
         hidden = self.ln_f(x)
         output_embedding = self.wte if self.lm_head is None else self.lm_head
         return LMOutput(

@@ -10,6 +10,9 @@ differences that matter for exactness:
 * queries, keys and values are separate bias-free ``torch.nn.Linear`` projections
   (``transformer.h.{i}.attn.attention.q_proj.weight`` ``[H, H]``) and ``out_proj`` has a bias;
   the MLP's ``c_fc`` / ``c_proj`` are ``nn.Linear`` too (``[out, in]``), unlike GPT-2's Conv1D.
+
+Scanned (:func:`lmppl.lm.scanned`), the global/local pattern is a per-layer flag array
+scanned with the parameters.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from lmppl.lm.gpt2 import layer_norm
 from lmppl.lm.layers import (
     ACTIVATIONS,
     Embedding,
+    LayerStack,
     ParameterSource,
     cached_attention,
     empty_cache,
+    layer_window,
     linear_from_torch,
     next_cache,
-    run_blocks,
+    run_layers,
     token_positions,
 )
 
@@ -39,7 +44,7 @@ __all__ = ["GPTNeoAttention", "GPTNeoBlock", "GPTNeoMLP", "GPTNeoNetwork"]
 class GPTNeoAttention(nnx.Module):
     """Unscaled multi-head self-attention, global or local (sliding window)."""
 
-    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str, kind: str):
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
         hidden = config.hidden_size
         self.q_proj = linear_from_torch(get, f"{prefix}.q_proj", hidden, hidden, False)
         self.k_proj = linear_from_torch(get, f"{prefix}.k_proj", hidden, hidden, False)
@@ -47,10 +52,11 @@ class GPTNeoAttention(nnx.Module):
         self.out_proj = linear_from_torch(get, f"{prefix}.out_proj", hidden, hidden, True)
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.window = config.window_size if kind == "local" else None
+        self.window = config.window_size
 
-    def __call__(self, x, cache_keys, cache_values, positions):
-        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values)."""
+    def __call__(self, x, cache_keys, cache_values, positions, layer, local=False):
+        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values);
+        the stacked cache's slot ``layer`` is this layer's, ``local`` its attention kind."""
         batch, steps, _ = x.shape
         heads = (batch, steps, self.num_heads, self.head_dim)
         output, cache_keys, cache_values = cached_attention(
@@ -60,8 +66,9 @@ class GPTNeoAttention(nnx.Module):
             cache_keys,
             cache_values,
             positions,
+            layer,
             scale=1.0,
-            window=self.window,
+            window=layer_window(self.window, local),
         )
         return self.out_proj(output.reshape(batch, steps, -1)), cache_keys, cache_values
 
@@ -82,16 +89,16 @@ class GPTNeoMLP(nnx.Module):
 class GPTNeoBlock(nnx.Module):
     """Pre-LayerNorm residual block: (global or local) attention then MLP."""
 
-    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str, kind: str):
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
         hidden, eps = config.hidden_size, config.norm_eps
         self.ln_1 = layer_norm(get, f"{prefix}.ln_1", hidden, eps)
-        self.attn = GPTNeoAttention(config, get, f"{prefix}.attn.attention", kind)
+        self.attn = GPTNeoAttention(config, get, f"{prefix}.attn.attention")
         self.ln_2 = layer_norm(get, f"{prefix}.ln_2", hidden, eps)
         self.mlp = GPTNeoMLP(config, get, f"{prefix}.mlp")
 
-    def __call__(self, x, cache_keys, cache_values, positions):
+    def __call__(self, x, cache_keys, cache_values, positions, layer, local=False):
         attended, cache_keys, cache_values = self.attn(
-            self.ln_1(x), cache_keys, cache_values, positions
+            self.ln_1(x), cache_keys, cache_values, positions, layer, local
         )
         x = x + attended
         x = x + self.mlp(self.ln_2(x))
@@ -115,10 +122,7 @@ class GPTNeoNetwork(nnx.Module):
         self.wte = Embedding(get("transformer.wte.weight", (vocab, hidden)))
         self.wpe = Embedding(get("transformer.wpe.weight", (config.context_length, hidden)))
         self.h = nnx.List(
-            [
-                GPTNeoBlock(config, get, f"transformer.h.{i}", kind)
-                for i, kind in enumerate(config.attention_layers)
-            ]
+            [GPTNeoBlock(config, get, f"transformer.h.{i}") for i in range(config.num_layers)]
         )
         self.ln_f = layer_norm(get, "transformer.ln_f", hidden, config.norm_eps)
         self.lm_head = (
@@ -128,13 +132,17 @@ class GPTNeoNetwork(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: per layer ``[batch_size, max_length, H, D]``, length 0.
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H, D]``; one
+        ``[batch_size, L, max_length, H, D]`` buffer when the blocks are scanned).
 
         Local layers keep the full ``max_length`` too, so every layer shares one layout and
         the cache reorders and broadcasts like any other.
         """
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype)
+        stacked = isinstance(self.h, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -143,7 +151,7 @@ class GPTNeoNetwork(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.wte(tokens) + self.wpe(positions)
-        x, keys, values = run_blocks(self.h, x, cache, positions)
+        x, keys, values = run_layers(self.h, x, cache, positions, self.config)
         hidden = self.ln_f(x)
         output_embedding = self.wte if self.lm_head is None else self.lm_head
         return LMOutput(

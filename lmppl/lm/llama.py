@@ -17,6 +17,11 @@ RoPE (``config.rope_scaling``, see :mod:`lmppl.lm.rope`); layers marked ``"local
 tensors named as in ``transformers``' ``LlamaForCausalLM`` state dict
 (``model.layers.{i}.self_attn.q_proj.weight``, ...; Phi-3's fused ones, Qwen3's
 ``self_attn.q_norm.weight``). The attention module is shared with :mod:`lmppl.lm.gemma`.
+
+A block is told whether it is a local layer by a flag, so every layer has the same
+structure whatever ``config.attention_layers`` says: the blocks are an unrolled ``nnx.List``
+(each call passes its layer's static flag) or, after :func:`lmppl.lm.scanned`, one
+:class:`~lmppl.lm.layers.LayerStack` applied by ``jax.lax.scan``.
 """
 
 from __future__ import annotations
@@ -30,16 +35,19 @@ from lmppl.lm.config import ModelConfig
 from lmppl.lm.layers import (
     ACTIVATIONS,
     Embedding,
+    LayerStack,
     Linear,
     ParameterSource,
     RMSNorm,
     apply_rope,
     cached_attention,
+    default_inverse_frequencies,
     default_scale,
     empty_cache,
+    layer_window,
     linear_from_torch,
     next_cache,
-    run_blocks,
+    run_layers,
     token_positions,
 )
 from lmppl.lm.rope import rope_frequencies
@@ -52,10 +60,11 @@ class LlamaAttention(nnx.Module):
 
     Also the attention of Qwen3 (per-head q/k RMSNorm), Phi-3 (fused ``qkv_proj``, partial
     rotary), and Gemma (q/k norms with ``1 + w``, score scale, soft-capping), each switched
-    on by ``config``; ``layer`` selects the sliding window and RoPE of local layers.
+    on by ``config``; the call's ``local`` flag selects the sliding window and RoPE of local
+    layers.
     """
 
-    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str, layer: int = 0):
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
         hidden, head_dim = config.hidden_size, config.head_dim
         query_width = config.num_heads * head_dim
         kv_width = config.num_kv_heads * head_dim
@@ -79,23 +88,48 @@ class LlamaAttention(nnx.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = head_dim
-        local = config.is_local_layer(layer)
-        self.window = config.window_size if local else None
-        theta, scaling = config.rope_theta, config.rope_scaling
-        if local and config.local_rope_theta is not None:
-            theta, scaling = config.local_rope_theta, config.local_rope_scaling
-        self.rope_theta = theta
-        if scaling is None and config.partial_rotary_factor == 1.0:
-            # Plain RoPE: apply_rope derives the frequencies from theta, as it always has.
-            self.inverse_frequencies, self.rope_attention_factor = None, 1.0
-        else:
-            frequencies, self.rope_attention_factor = rope_frequencies(
-                head_dim, theta, scaling, config.partial_rotary_factor
-            )
-            # Static (hashable) floats: they become trace-time constants, not parameters.
-            self.inverse_frequencies = tuple(float(f) for f in frequencies)
+        self.window = config.window_size if config.attention_layers else None
+        self.global_rope = _rope(config, config.rope_theta, config.rope_scaling)
+        self.local_rope = self.global_rope
+        if config.local_rope_theta is not None:
+            self.local_rope = _rope(config, config.local_rope_theta, config.local_rope_scaling)
         self.scale = config.query_scale or default_scale(head_dim)
         self.softcap = config.attention_softcap
+
+    def _rope_arguments(
+        self, local: bool | jax.Array
+    ) -> tuple[float, jax.Array | None, float | jax.Array]:
+        """``(theta, inverse frequencies or None, attention factor)`` of a (local) layer.
+
+        Static when ``local`` is a Python bool or both kinds of layer rotate alike; else the
+        frequencies and factor are selected per layer by ``where`` from the two sets, each
+        computed exactly as the static path computes it.
+        """
+        if isinstance(local, bool) or self.local_rope == self.global_rope:
+            rope = self.local_rope if local is True else self.global_rope
+            theta, frequencies, factor = rope
+            return (
+                theta,
+                None if frequencies is None else jnp.asarray(frequencies, jnp.float32),
+                factor,
+            )
+
+        def frequencies_of(rope: tuple) -> jax.Array:
+            theta, frequencies, _ = rope
+            if frequencies is None:
+                return default_inverse_frequencies(self.head_dim, theta)
+            return jnp.asarray(frequencies, jnp.float32)
+
+        inverse = jnp.where(
+            local, frequencies_of(self.local_rope), frequencies_of(self.global_rope)
+        )
+        local_factor, global_factor = self.local_rope[2], self.global_rope[2]
+        factor = (
+            global_factor
+            if local_factor == global_factor
+            else jnp.where(local, jnp.float32(local_factor), jnp.float32(global_factor))
+        )
+        return self.global_rope[0], inverse, factor
 
     def __call__(
         self,
@@ -103,20 +137,24 @@ class LlamaAttention(nnx.Module):
         cache_keys: jax.Array,
         cache_values: jax.Array,
         positions: jax.Array,
+        layer: jax.Array | int,
+        local: bool | jax.Array = False,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values)."""
+        """``x`` ``[B, S, H]`` at ``positions`` ``[B, S]`` -> (output, cache keys, cache values).
+
+        ``cache_keys`` / ``cache_values`` are every layer's ``[B, layers, L, H_kv, D]``; this
+        layer writes and reads slot ``layer``. ``local``: the layer attends through the
+        sliding window (and uses the local RoPE base).
+        """
         batch, steps, _ = x.shape
         query = self.q_proj(x).reshape(batch, steps, self.num_heads, self.head_dim)
         key = self.k_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
         value = self.v_proj(x).reshape(batch, steps, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             query, key = self.q_norm(query), self.k_norm(key)
-        frequencies = None
-        if self.inverse_frequencies is not None:
-            frequencies = jnp.asarray(self.inverse_frequencies, jnp.float32)
-        factor = self.rope_attention_factor
-        query = apply_rope(query, positions, self.rope_theta, frequencies, factor)
-        key = apply_rope(key, positions, self.rope_theta, frequencies, factor)
+        theta, frequencies, factor = self._rope_arguments(local)
+        query = apply_rope(query, positions, theta, frequencies, factor)
+        key = apply_rope(key, positions, theta, frequencies, factor)
         output, cache_keys, cache_values = cached_attention(
             query,
             key,
@@ -124,11 +162,27 @@ class LlamaAttention(nnx.Module):
             cache_keys,
             cache_values,
             positions,
+            layer,
             scale=self.scale,
-            window=self.window,
+            window=layer_window(self.window, local),
             softcap=self.softcap,
         )
         return self.o_proj(output.reshape(batch, steps, -1)), cache_keys, cache_values
+
+
+def _rope(config: ModelConfig, theta: float, scaling) -> tuple:
+    """``(theta, inverse frequencies, attention factor)`` as static (hashable) values.
+
+    Plain RoPE keeps ``None`` frequencies (:func:`apply_rope` derives them from ``theta``
+    in float32, as it always has); scaled or partial RoPE stores the frequencies as a tuple
+    of floats, trace-time constants rather than parameters.
+    """
+    if scaling is None and config.partial_rotary_factor == 1.0:
+        return (theta, None, 1.0)
+    frequencies, factor = rope_frequencies(
+        config.head_dim, theta, scaling, config.partial_rotary_factor
+    )
+    return (theta, tuple(float(f) for f in frequencies), float(factor))
 
 
 class LlamaMLP(nnx.Module):
@@ -153,18 +207,18 @@ class LlamaMLP(nnx.Module):
 class LlamaBlock(nnx.Module):
     """Pre-norm residual block: attention then gated MLP."""
 
-    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str, layer: int = 0):
+    def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
         hidden, eps = config.hidden_size, config.norm_eps
         self.input_layernorm = RMSNorm(get(f"{prefix}.input_layernorm.weight", (hidden,)), eps)
-        self.self_attn = LlamaAttention(config, get, f"{prefix}.self_attn", layer)
+        self.self_attn = LlamaAttention(config, get, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(
             get(f"{prefix}.post_attention_layernorm.weight", (hidden,)), eps
         )
         self.mlp = LlamaMLP(config, get, f"{prefix}.mlp")
 
-    def __call__(self, x, cache_keys, cache_values, positions):
+    def __call__(self, x, cache_keys, cache_values, positions, layer, local=False):
         attended, cache_keys, cache_values = self.self_attn(
-            self.input_layernorm(x), cache_keys, cache_values, positions
+            self.input_layernorm(x), cache_keys, cache_values, positions, layer, local
         )
         x = x + attended
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -179,7 +233,7 @@ class LlamaNetwork(nnx.Module):
         self.config = config
         self.embed_tokens = Embedding(get("model.embed_tokens.weight", (vocab, hidden)))
         self.layers = nnx.List(
-            [LlamaBlock(config, get, f"model.layers.{i}", i) for i in range(config.num_layers)]
+            [LlamaBlock(config, get, f"model.layers.{i}") for i in range(config.num_layers)]
         )
         self.norm = RMSNorm(get("model.norm.weight", (hidden,)), config.norm_eps)
         self.lm_head = (
@@ -189,9 +243,13 @@ class LlamaNetwork(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache: per layer ``[batch_size, max_length, H_kv, D]``, length 0."""
+        """An empty cache of length 0 (per layer ``[batch_size, max_length, H_kv, D]``; one
+        ``[batch_size, L, max_length, H_kv, D]`` buffer when the blocks are scanned)."""
         c = self.config
-        return empty_cache(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype)
+        stacked = isinstance(self.layers, LayerStack)
+        return empty_cache(
+            c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype, stacked
+        )
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache, token_counts: jax.Array | None = None
@@ -200,7 +258,7 @@ class LlamaNetwork(nnx.Module):
         steps = tokens.shape[1]
         positions = token_positions(cache.length, steps)
         x = self.embed_tokens(tokens)
-        x, keys, values = run_blocks(self.layers, x, cache, positions)
+        x, keys, values = run_layers(self.layers, x, cache, positions, self.config)
         hidden = self.norm(x)
         output_embedding = self.embed_tokens if self.lm_head is None else self.lm_head
         return LMOutput(
