@@ -163,6 +163,21 @@ def _vocabulary_problem(ref: Any, aligned: Any) -> str | None:
     return None
 
 
+def _encoder_decoder_problem(ref: Any, aligned: Any) -> str | None:
+    """Why two models do not read one kind of prompt (both decoder-only, or both
+    encoder-decoder with one decoder start token), or None."""
+    kinds = [bool(getattr(m, "is_encoder_decoder", False)) for m in (ref, aligned)]
+    if kinds[0] != kinds[1]:
+        which = "ref" if kinds[0] else "aligned"
+        return f"only the {which} model is an encoder-decoder (source-conditioned) model"
+    if kinds[0] and ref.decoder_start_token_id != aligned.decoder_start_token_id:
+        return (
+            f"decoder start tokens {ref.decoder_start_token_id} (ref) vs "
+            f"{aligned.decoder_start_token_id} (aligned)"
+        )
+    return None
+
+
 class Realigned:
     """A DeRa model: reference and aligned networks mixed at strength λ (see module doc).
 
@@ -197,6 +212,9 @@ class Realigned:
                 f"realign needs models with one vocabulary: {ref.name} and {aligned.name} "
                 f"differ ({problem})"
             )
+        problem = _encoder_decoder_problem(ref, aligned)
+        if problem is not None:
+            raise ValueError(f"cannot realign {ref.name} with {aligned.name}: {problem}")
         lam_array = _lam_array(lam)
         self.ref = ref
         self.aligned = aligned
@@ -227,6 +245,21 @@ class Realigned:
     @property
     def dtype(self) -> jnp.dtype:
         return self.ref.dtype
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Both models are encoder-decoders (T5): ``lmppl.LM(r, source=...)``; each runs
+        its own encoder on the shared source (packed prompt, see :mod:`lmppl.lm.t5`)."""
+        return bool(getattr(self.ref, "is_encoder_decoder", False))
+
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        return getattr(self.ref, "decoder_start_token_id", None)
+
+    def source_prompt(self, source: Any, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+        """The packed prompt of ``source`` (the reference's; both models check it)."""
+        self.aligned.source_prompt(source, max_new_tokens)
+        return self.ref.source_prompt(source, max_new_tokens)
 
     @property
     def locally_normalised(self) -> bool:
