@@ -595,6 +595,8 @@ class T5LanguageModel(LanguageModel):
             ids = jnp.asarray(source)
             if ids.ndim == 0:
                 ids = ids[None]
+            if ids.shape[-1] == 0:
+                raise ValueError(f"the source of {self.name} is empty: give at least one token")
             if not jnp.issubdtype(ids.dtype, jnp.integer):
                 raise TypeError(f"a source must be text or integer token ids, got {ids.dtype}")
             ids = ids.astype(jnp.int32)
@@ -618,16 +620,17 @@ class T5LanguageModel(LanguageModel):
         return jnp.concatenate([start, ids], axis=-1), lengths + 1
 
 
-def t5_tensors(config: T5Config, tensors: Mapping[str, Any]) -> dict[str, Any]:
+def t5_tensors(tensors: Mapping[str, Any], tied: bool) -> dict[str, Any]:
     """``tensors`` with the names :class:`T5Network` reads filled in from their tied
-    aliases: ``shared.weight`` from ``encoder.embed_tokens.weight`` and, for a tied
-    output (:attr:`T5Config.scale_decoder_outputs`), a missing ``lm_head.weight`` from
-    ``shared.weight`` (``save_pretrained`` drops tied duplicates)."""
+    aliases: ``shared.weight`` from ``encoder.embed_tokens.weight``, and a missing
+    ``lm_head.weight`` from ``shared.weight`` when the output is ``tied``
+    (``tie_word_embeddings``, default true: ``save_pretrained`` drops tied duplicates, and
+    ``transformers`` 5 ties every T5's output, scaled or not)."""
     named = dict(tensors)
     for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
         if "shared.weight" not in named and alias in named:
             named["shared.weight"] = named[alias]
-    if "lm_head.weight" not in named and config.scale_decoder_outputs and "shared.weight" in named:
+    if "lm_head.weight" not in named and tied and "shared.weight" in named:
         named["lm_head.weight"] = named["shared.weight"]
     return named
 
@@ -650,5 +653,6 @@ def t5_language_model(
             f"{name}: tokenizer of {tokenizer.vocab_size} tokens for a model of "
             f"{config.vocab_size}"
         )
-    network = T5Network(config, TensorTable(t5_tensors(config, tensors), dtype, "t5"))
+    tied = config_dict.get("tie_word_embeddings", True) is not False
+    network = T5Network(config, TensorTable(t5_tensors(tensors, tied), dtype, "t5"))
     return T5LanguageModel(network, config, tokenizer, name=name)
