@@ -514,7 +514,7 @@ class T5LanguageModel(LanguageModel):
         token_counts: jax.Array | None = None,
     ) -> LMOutput:
         """The encoder and the start token (fresh cache), else the cached decoder (pure)."""
-        network = nnx.merge(self.graphdef, params)
+        network: Any = nnx.merge(self.graphdef, params)
         if not isinstance(cache, T5StartCache):
             return network(tokens, cache, token_counts)
         rows, width = tokens.shape
@@ -590,7 +590,9 @@ class T5LanguageModel(LanguageModel):
             ids = jnp.asarray(padded)
             lengths = jnp.asarray([len(row) for row in rows], jnp.int32)
             if int(lengths.min()) == 0:
-                raise ValueError(f"the source of {self.name} is empty (row {int(lengths.argmin())})")
+                raise ValueError(
+                    f"the source of {self.name} is empty (row {int(lengths.argmin())})"
+                )
         else:
             ids = jnp.asarray(source)
             if ids.ndim == 0:
@@ -650,8 +652,7 @@ def t5_language_model(
     config = t5_config_from_hf(config_dict)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
-            f"{name}: tokenizer of {tokenizer.vocab_size} tokens for a model of "
-            f"{config.vocab_size}"
+            f"{name}: tokenizer of {tokenizer.vocab_size} tokens for a model of {config.vocab_size}"
         )
     tied = config_dict.get("tie_word_embeddings", True) is not False
     network = T5Network(config, TensorTable(t5_tensors(tensors, tied), dtype, "t5"))

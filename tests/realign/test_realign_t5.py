@@ -112,7 +112,9 @@ def test_global_mode_exact_and_smc_target_the_sequence_mixture():
         sampler = lmppl.infer.SMC(global_program, 8, ess_threshold=1.0)
         estimates = np.asarray(sampler.log_marginals(jax.random.key(3), runs), np.float64)
         ratios = np.exp(estimates - log_z)
-        print(f"global SMC: mean Ẑ/Z {ratios.mean():.4f} ± {ratios.std(ddof=1) / np.sqrt(runs):.4f}")
+        print(
+            f"global SMC: mean Ẑ/Z {ratios.mean():.4f} ± {ratios.std(ddof=1) / np.sqrt(runs):.4f}"
+        )
         assert_within_standard_errors(ratios, 1.0, k=4)
     finally:
         model.params = model.with_lam(model.params, 0.0)

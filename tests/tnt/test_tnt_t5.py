@@ -87,7 +87,8 @@ def test_gradient_reaches_the_encoder_and_matches_finite_differences():
     encoder = [
         float(jnp.abs(g).max())
         for path, g in flat
-        if "encoder" in jax.tree_util.keystr(path) and "encoder_bias" not in jax.tree_util.keystr(path)
+        if "encoder" in jax.tree_util.keystr(path)
+        and "encoder_bias" not in jax.tree_util.keystr(path)
     ]
     assert encoder and min(encoder) > 1e-6, encoder  # every encoder weight is trained
     # A small direction (T5's unscaled attention scores make the loss bend fast) and a
@@ -100,7 +101,10 @@ def test_gradient_reaches_the_encoder_and_matches_finite_differences():
         return float(loss(jax.tree.map(lambda p, d: p + h * d, params, direction), DATASET))
 
     finite_difference = (along(step) - along(-step)) / (2 * step)
-    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True))
+    analytic = sum(
+        float(jnp.vdot(g, d))
+        for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+    )
     print(f"directional derivative: {analytic:.5f} vs finite difference {finite_difference:.5f}")
     np.testing.assert_allclose(analytic, finite_difference, rtol=5e-3)
 
@@ -109,7 +113,9 @@ def exact_prevalence(lm, source: str) -> float:
     sequences = all_sequences(T5.vocab_size, STEPS)
     contains = tnt.contains_unwanted(sequences, {UNWANTED}, eos_token_id=1)
     dist = lmppl.LM(T5, source=source, max_new_tokens=STEPS, params=lm.params)
-    return float(np.exp(np.asarray(dist.log_prob(jnp.asarray(sequences)), np.float64))[contains].sum())
+    return float(
+        np.exp(np.asarray(dist.log_prob(jnp.asarray(sequences)), np.float64))[contains].sum()
+    )
 
 
 def test_training_lowers_the_prevalence_under_every_source():
