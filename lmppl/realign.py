@@ -50,6 +50,9 @@ is one ``jax.vmap`` over parameters, e.g.::
 Backends and ``generate`` read ``r.params``: ``r.params = r.with_lam(r.params, lam)`` sets
 λ there without recompiling anything.
 
+Two T5 checkpoints (:mod:`lmppl.lm.t5`) realign the same way, conditioned on one source:
+``lmppl.LM(r, source=x, max_new_tokens=T)``; each model runs its own encoder on ``x``.
+
 The two models must share a vocabulary (same size and, when both have tokenizers, the
 same encoding of probe strings, the same piece for each id, and the same BOS/EOS ids);
 their context lengths may differ (the shorter one is used).

@@ -456,6 +456,22 @@ class T5LanguageModel(LanguageModel):
     :class:`T5Cache` of ``L - S`` decoder positions (``d_0`` written). Against a
     :class:`T5Cache` it is the cached decoder.
 
+    Example::
+
+        from lmppl.prompt import sequence_length
+
+        t5 = lmppl.load("google/flan-t5-small")  # a T5 folder or a cached hub id
+
+        def program():
+            source = "summarize: " + document  # text: tokenized, EOS appended
+            summary = numpyro.sample("summary", lmppl.LM(t5, source=source, max_new_tokens=24))
+            numpyro.factor("short", -0.1 * sequence_length(summary, t5.eos_token_id))
+
+        result = lmppl.infer.SMC(program, 64).run(jax.random.key(0))
+
+    ``lmppl.generate(t5, source=..., ...)``, ``lmppl.realign(t5_a, t5_b, λ)`` and
+    ``lmppl.tnt.train(t5, None, ..., source=...)`` take sources the same way.
+
     Attributes:
       config: the :class:`T5Config`.
       is_encoder_decoder: True: ``lmppl.LM`` takes ``source=`` instead of ``prompt=``.
