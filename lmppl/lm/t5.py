@@ -437,8 +437,13 @@ class T5StartCache(NamedTuple):
     """A :class:`T5LanguageModel`'s cache before its packed prompt is fed (no encoder yet).
 
     Fields:
-      slots: ``[B, L]`` zeros of the cache dtype; ``L`` (the positions the inference stack
-        asked for: packed prompt plus new tokens) and the dtype are all that is read.
+      slots: ``[B, L, 2 · decoder_layers · num_heads · head_dim]`` zeros of the cache dtype.
+        Only its shape and dtype are read: ``L`` (the positions the inference stack asked
+        for: packed prompt ``1 + S`` plus ``T`` new tokens) and the dtype of the keys and
+        values. Its size is that of the :class:`T5Cache` the first call builds (``S``
+        cross-attention plus ``1 + T`` self-attention keys and values per layer), so memory
+        estimates from ``init_cache``'s shape (``lmppl.infer.run_bytes``) hold; under
+        ``jit`` the unused zeros are never materialised.
       length: ``[B]`` int32 zeros (nothing written yet).
     """
 
@@ -517,8 +522,10 @@ class T5LanguageModel(LanguageModel):
                 f"a cache of {max_length} positions exceeds the packed context length "
                 f"{self.context_length} of {self.name}"
             )
+        c = self.config
+        width = 2 * c.decoder_layers * c.num_heads * c.head_dim
         return T5StartCache(
-            slots=jnp.zeros((batch_size, max_length), dtype or self.dtype),
+            slots=jnp.zeros((batch_size, max_length, width), dtype or self.dtype),
             length=jnp.zeros((batch_size,), jnp.int32),
         )
 

@@ -112,10 +112,18 @@ def test_random_t5_is_source_conditioned_and_caches_the_encoder_once():
     assert abs(float(jax.scipy.special.logsumexp(a))) < 1e-5
     assert np.abs(a - b).max() > 0.1  # the source changes the law
     # After the packed prompt the cache is the decoder's, 1 + T positions, start token written.
-    out = lm.apply(lm.params, one.prompt_tokens[None], lm.init_cache(1, 4 + STEPS))
+    start = lm.init_cache(1, 4 + STEPS)
+    out = lm.apply(lm.params, one.prompt_tokens[None], start)
     assert out.logits.shape == (1, 4, 6)
     assert out.cache.keys[0].shape[1] == 1 + STEPS and int(out.cache.length[0]) == 1
     assert out.cache.cross_keys[0].shape[1] == 3  # the source "ab</s>"
+    # The fresh cache's size is the built one's (memory estimates read init_cache's shape).
+
+    def key_value_bytes(cache):
+        leaves = jax.tree.leaves(cache)
+        return sum(x.size * x.dtype.itemsize for x in leaves if x.dtype == jnp.float32)
+
+    assert key_value_bytes(start) == key_value_bytes(out.cache) > 0
 
 
 def test_misuse_is_a_one_line_error():
