@@ -33,7 +33,7 @@ from numpyro.distributions import Distribution, constraints
 
 from lmppl.decoding import check_temperature, sample_tokens, score_tokens
 from lmppl.lm.base import LanguageModel
-from lmppl.prompt import resolve_prompt
+from lmppl.prompt import resolve_model_prompt
 
 __all__ = ["LM"]
 
@@ -48,6 +48,12 @@ class LM(Distribution):
         given, ``[P]`` or batched ``[..., P]``), or ``lmppl.concat(...)`` of those and
         earlier sampled sequences.
       max_new_tokens: T, the event size.
+      source: instead of ``prompt``, for an encoder-decoder model (T5, Flan-T5): the text
+        (tokenized, EOS appended) or token ids ``[S]`` / ``[..., S]`` its encoder reads; the
+        decoder starts from its start token. Stored as the packed prompt
+        ``[d_0, x_1..x_S]`` (see :mod:`lmppl.lm.t5`), e.g.
+        ``lmppl.LM(lmppl.load("google/flan-t5-small"), source="Translate to German: Hi",
+        max_new_tokens=16)``.
       temperature: p0 is the model's next-token distribution at this temperature (> 0).
       stop_at_eos: end a sequence at its first EOS (padding after it); ``False`` makes
         EOS an ordinary token (fixed-length sequences).
@@ -61,12 +67,13 @@ class LM(Distribution):
     def __init__(
         self,
         lm: LanguageModel,
-        prompt: Any,
-        max_new_tokens: int,
+        prompt: Any = None,
+        max_new_tokens: int | None = None,
         temperature: float = 1.0,
         stop_at_eos: bool = True,
         params: Any = None,
         *,
+        source: Any = None,
         validate_args: bool | None = None,
     ):
         if not hasattr(lm, "apply") or not hasattr(lm, "init_cache"):
@@ -81,7 +88,7 @@ class LM(Distribution):
                 "(for greedy decoding use lmppl.generate(..., temperature=0))"
             )
         check_temperature(lm, temperature)
-        tokens, length = resolve_prompt(prompt, lm.tokenizer, lm.vocab_size)
+        tokens, length = resolve_model_prompt(lm, prompt, source, max_new_tokens)
         if tokens.shape[-1] + max_new_tokens > lm.context_length:
             raise ValueError(
                 f"the prompt ({tokens.shape[-1]} tokens) plus max_new_tokens={max_new_tokens} "

@@ -9,7 +9,7 @@ import numpy as np
 
 from lmppl.decoding import check_temperature, sample_tokens, trim_at_eos
 from lmppl.lm.base import LanguageModel
-from lmppl.prompt import resolve_prompt
+from lmppl.prompt import resolve_model_prompt
 
 __all__ = ["Generation", "generate"]
 
@@ -31,8 +31,9 @@ class Generation(NamedTuple):
 
 def generate(
     lm: LanguageModel,
-    prompt: Any,
+    prompt: Any = None,
     *,
+    source: Any = None,
     num_samples: int = 1,
     max_new_tokens: int = 32,
     temperature: float = 1.0,
@@ -43,13 +44,14 @@ def generate(
 
     The prompt (text or token ids) is prefilled once and broadcast to all rows; each
     step decodes ``[N, 1]`` tokens against the ``[N, P + T, ...]`` cache. Sampling
-    (``temperature > 0``) needs ``rng_key``; greedy decoding needs none.
+    (``temperature > 0``) needs ``rng_key``; greedy decoding needs none. An
+    encoder-decoder model (T5) takes ``source=`` (text or ids) instead of a prompt.
     """
     if num_samples < 1 or max_new_tokens < 1:
         raise ValueError("num_samples and max_new_tokens must be at least 1")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    tokens, length = resolve_prompt(prompt, lm.tokenizer, lm.vocab_size)
+    tokens, length = resolve_model_prompt(lm, prompt, source, max_new_tokens)
     if tokens.ndim != 1:
         raise ValueError("generate takes one prompt; batch prompts with lmppl.LM instead")
     if tokens.shape[-1] + max_new_tokens > lm.context_length:

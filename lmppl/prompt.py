@@ -18,7 +18,7 @@ import numpy as np
 
 from lmppl.lm.base import Tokenizer
 
-__all__ = ["Concat", "concat", "resolve_prompt", "sequence_length"]
+__all__ = ["Concat", "concat", "resolve_model_prompt", "resolve_prompt", "sequence_length"]
 
 
 class Concat:
@@ -134,6 +134,41 @@ def resolve_prompt(
         tokens = _place(tokens, ids, offset, length)
         offset = offset + length
     return tokens, offset
+
+
+def resolve_model_prompt(
+    model: Any, prompt: Any, source: Any, max_new_tokens: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(tokens [..., P], length [...])`` of what conditions ``model``'s next tokens.
+
+    A decoder-only model takes ``prompt`` (:func:`resolve_prompt`). An encoder-decoder
+    model (``model.is_encoder_decoder``, e.g. T5) takes ``source``: its packed prompt
+    ``[d_0, x_1..x_S]`` (decoder start token, then the encoder's ids) from
+    ``model.source_prompt(source, max_new_tokens)`` (see :mod:`lmppl.lm.t5`). A source for
+    a decoder-only model, or an encoder-decoder model without a source or with a prompt,
+    is a one-line ``ValueError``.
+    """
+    name = getattr(model, "name", type(model).__name__)
+    if not getattr(model, "is_encoder_decoder", False):
+        if source is not None:
+            raise ValueError(
+                f"source= conditions an encoder-decoder model (T5); {name} is decoder-only: "
+                "give its context as prompt="
+            )
+        if prompt is None:
+            raise ValueError(f"{name} needs a prompt (text, token ids or lmppl.concat(...))")
+        return resolve_prompt(prompt, model.tokenizer, model.vocab_size)
+    if prompt is not None:
+        raise ValueError(
+            f"{name} is an encoder-decoder model: give its input as source=, not prompt= "
+            "(the decoder starts from its start token)"
+        )
+    if source is None:
+        raise ValueError(
+            f"{name} is an encoder-decoder model: give source= (the text or token ids its "
+            "encoder reads)"
+        )
+    return model.source_prompt(source, max_new_tokens)
 
 
 def _place(tokens: jax.Array, ids: jax.Array, offset: jax.Array, length: jax.Array) -> jax.Array:

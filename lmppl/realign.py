@@ -50,6 +50,9 @@ is one ``jax.vmap`` over parameters, e.g.::
 Backends and ``generate`` read ``r.params``: ``r.params = r.with_lam(r.params, lam)`` sets
 λ there without recompiling anything.
 
+Two T5 checkpoints (:mod:`lmppl.lm.t5`) realign the same way, conditioned on one source:
+``lmppl.LM(r, source=x, max_new_tokens=T)``; each model runs its own encoder on ``x``.
+
 The two models must share a vocabulary (same size and, when both have tokenizers, the
 same encoding of probe strings, the same piece for each id, and the same BOS/EOS ids);
 their context lengths may differ (the shorter one is used).
@@ -163,6 +166,21 @@ def _vocabulary_problem(ref: Any, aligned: Any) -> str | None:
     return None
 
 
+def _encoder_decoder_problem(ref: Any, aligned: Any) -> str | None:
+    """Why two models do not read one kind of prompt (both decoder-only, or both
+    encoder-decoder with one decoder start token), or None."""
+    kinds = [bool(getattr(m, "is_encoder_decoder", False)) for m in (ref, aligned)]
+    if kinds[0] != kinds[1]:
+        which = "ref" if kinds[0] else "aligned"
+        return f"only the {which} model is an encoder-decoder (source-conditioned) model"
+    if kinds[0] and ref.decoder_start_token_id != aligned.decoder_start_token_id:
+        return (
+            f"decoder start tokens {ref.decoder_start_token_id} (ref) vs "
+            f"{aligned.decoder_start_token_id} (aligned)"
+        )
+    return None
+
+
 class Realigned:
     """A DeRa model: reference and aligned networks mixed at strength λ (see module doc).
 
@@ -197,6 +215,9 @@ class Realigned:
                 f"realign needs models with one vocabulary: {ref.name} and {aligned.name} "
                 f"differ ({problem})"
             )
+        problem = _encoder_decoder_problem(ref, aligned)
+        if problem is not None:
+            raise ValueError(f"cannot realign {ref.name} with {aligned.name}: {problem}")
         lam_array = _lam_array(lam)
         self.ref = ref
         self.aligned = aligned
@@ -227,6 +248,21 @@ class Realigned:
     @property
     def dtype(self) -> jnp.dtype:
         return self.ref.dtype
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Both models are encoder-decoders (T5): ``lmppl.LM(r, source=...)``; each runs
+        its own encoder on the shared source (packed prompt, see :mod:`lmppl.lm.t5`)."""
+        return bool(getattr(self.ref, "is_encoder_decoder", False))
+
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        return getattr(self.ref, "decoder_start_token_id", None)
+
+    def source_prompt(self, source: Any, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+        """The packed prompt of ``source`` (the reference's; both models check it)."""
+        self.aligned.source_prompt(source, max_new_tokens)
+        return self.ref.source_prompt(source, max_new_tokens)
 
     @property
     def locally_normalised(self) -> bool:

@@ -1,4 +1,5 @@
-"""Networks layer: decoder networks, KV caches, checkpoint readers and tokenizers."""
+"""Networks layer: decoder networks (and T5's encoder-decoder), KV caches, checkpoint readers
+and tokenizers."""
 
 from lmppl.lm.base import (
     KVCache,
@@ -20,6 +21,7 @@ from lmppl.lm.llama2c import read_llama2c
 from lmppl.lm.random_init import FAMILIES, random_lm
 from lmppl.lm.registry import KNOWN_MODELS, load, load_gguf, load_llama2c
 from lmppl.lm.rope import rope_frequencies
+from lmppl.lm.t5 import T5LanguageModel
 from lmppl.lm.table import CharTokenizer, table_lm
 from lmppl.lm.tokenizers import (
     ByteLevelBPETokenizer,
@@ -46,6 +48,7 @@ __all__ = [
     "Llama2cTokenizer",
     "ModelConfig",
     "RopeScaling",
+    "T5LanguageModel",
     "Tokenizer",
     "broadcast_cache",
     "build_network",

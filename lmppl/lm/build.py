@@ -233,7 +233,7 @@ def config_from_hf(config_dict: Mapping[str, Any]) -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = f" ({_UNSUPPORTED_HINTS[model_type]})" if model_type in _UNSUPPORTED_HINTS else ""
         if not hint and config_dict.get("is_encoder_decoder"):
-            hint = " (an encoder-decoder model; lmppl.load reads decoder-only causal LMs)"
+            hint = " (an encoder-decoder model; of those lmppl.load reads T5 / Flan-T5 only)"
         raise ValueError(
             f"unsupported model type {model_type!r}{hint}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

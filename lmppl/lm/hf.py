@@ -19,11 +19,18 @@ import jax.numpy as jnp
 
 from lmppl.lm.base import LanguageModel
 from lmppl.lm.build import build_network, config_from_hf, language_model_tensors
+from lmppl.lm.t5 import is_t5_config, t5_language_model
 from lmppl.lm.tokenizers import render_chat_template
 
 __all__ = ["HFTokenizer", "load_hf", "read_safetensors", "resolve_checkpoint_folder"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+)
 # What a snapshot needs: configs and tokenizer files, safetensors weights (no *.bin, *.gguf).
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
@@ -192,8 +199,15 @@ def load_hf(path_or_id: str, dtype: Any = None) -> LanguageModel:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {str(folder)!r}")
-    config = config_from_hf(json.loads(config_path.read_text()))
+    config_dict = json.loads(config_path.read_text())
     has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    if is_t5_config(config_dict):
+        tokenizer = HFTokenizer.from_folder(folder) if has_tokenizer else None
+        tensors = read_safetensors(folder)
+        return t5_language_model(
+            config_dict, tensors, tokenizer, dtype or jnp.float32, str(path_or_id)
+        )
+    config = config_from_hf(config_dict)
     tokenizer = HFTokenizer.from_folder(folder) if has_tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         # Configs may pad the vocabulary beyond the tokenizer (Qwen), never the reverse:

@@ -1,9 +1,10 @@
 """Random-initialised tiny transformers for tests and examples (no checkpoint needed).
 
 ``random_lm("llama", vocab_size=6)`` builds a real Llama / GPT-2 / GPT-Neo network (or a
-Qwen3, Phi-3, Gemma 2 or Gemma 3 one: ``random_lm("gemma2")``) of the requested size with
-random weights, wrapped as a :class:`LanguageModel` with a
-character tokenizer. With a vocabulary of 4–8 symbols and a few new tokens every
+Qwen3, Phi-3, Gemma 2 or Gemma 3 one: ``random_lm("gemma2")``, or a Flan-T5-style
+encoder-decoder: ``random_lm("t5")``, a :class:`~lmppl.lm.t5.T5LanguageModel` to condition
+with ``lmppl.LM(lm, source=..., ...)``) of the requested size with random weights, wrapped
+as a :class:`LanguageModel` with a character tokenizer. With a vocabulary of 4–8 symbols and a few new tokens every
 sequence can be enumerated, so inference over a real KV-cached transformer can be checked
 against the exact target.
 """
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from lmppl.lm.base import LanguageModel
 from lmppl.lm.build import NETWORKS
 from lmppl.lm.config import ModelConfig
+from lmppl.lm.t5 import T5Config, T5LanguageModel, T5Network
 from lmppl.lm.table import CharTokenizer
 
 __all__ = ["FAMILIES", "random_lm"]
@@ -81,15 +83,41 @@ def random_lm(
 
     Args:
       architecture: ``"llama"``, ``"gpt2"``, ``"gpt_neo"`` (local attention window 2 on
-        alternate layers, so the window is exercised at tiny lengths), or a family of
+        alternate layers, so the window is exercised at tiny lengths), a family of
         :data:`FAMILIES`: ``"qwen3"``, ``"phi3"`` (llama networks with their switches),
-        ``"gemma2"``, ``"gemma3"`` (gemma networks, window 2 on alternate layers).
+        ``"gemma2"``, ``"gemma3"`` (gemma networks, window 2 on alternate layers), or
+        ``"t5"``: a Flan-T5-style encoder-decoder (gated GELU, untied output; ``num_layers``
+        encoder and decoder layers, 8 relative-position buckets up to distance 8, decoder
+        start token ``<s>`` = 0, EOS ``</s>`` = 1; ``context_length`` is ``n_positions``).
       scale: spread of the random weights (larger gives more peaked next-token laws).
     """
     if isinstance(symbols, int):
         symbols = "abcdefghijklmnopqrstuvwxyz"[:symbols]
     tokenizer = CharTokenizer(symbols)
     head_dim = hidden_size // num_heads
+
+    def source(name: str, shape: tuple[int, ...]) -> jax.Array:
+        return _random_tensor(name, tuple(shape), seed, scale).astype(jnp.float32)
+
+    if architecture == "t5":
+        t5_config = T5Config(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=hidden_size,
+            head_dim=head_dim,
+            num_heads=num_heads,
+            intermediate_size=2 * hidden_size,
+            encoder_layers=num_layers,
+            decoder_layers=num_layers,
+            num_buckets=8,
+            max_distance=8,
+            activation="gelu_new",
+            gated=True,
+            scale_decoder_outputs=False,
+            decoder_start_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            context_length=context_length,
+        )
+        return T5LanguageModel(T5Network(t5_config, source), t5_config, tokenizer, "random-t5")
     family = architecture if architecture in FAMILIES else None
     if family is not None:
         architecture = "llama"
@@ -114,13 +142,10 @@ def random_lm(
         eos_token_id=tokenizer.eos_token_id,
     )
     if architecture not in NETWORKS:
-        choices = sorted([*NETWORKS, *FAMILIES])
+        choices = sorted([*NETWORKS, *FAMILIES, "t5"])
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {choices}")
     if family is not None:
         config = _family_config(family, config)
-
-    def source(name: str, shape: tuple[int, ...]) -> jax.Array:
-        return _random_tensor(name, tuple(shape), seed, scale).astype(jnp.float32)
 
     network = NETWORKS[config.architecture](config, source)
     return LanguageModel(network, config, tokenizer, name=f"random-{family or architecture}")

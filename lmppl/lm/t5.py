@@ -1,10 +1,27 @@
-"""T5 / Flan-T5 (encoder-decoder) as a Flax NNX network, not yet reachable from ``lmppl.load``.
+"""T5 / Flan-T5 (encoder-decoder) as a Flax NNX network and a source-conditioned language model.
 
-The encoder runs once per source (:meth:`T5Network.start_cache`), which also computes every
-decoder layer's cross-attention keys and values; the decoder then follows the
-:mod:`lmppl.lm.base` network interface (``__call__(tokens, cache, token_counts)``) against a
-:class:`T5Cache` whose every leaf leads with the batch axis, so ``reorder_cache`` and
-``broadcast_cache`` apply unchanged. Not yet wired into ``lmppl.LM`` (``source=...``).
+:class:`T5Network` is the maths: the encoder runs once per source
+(:meth:`T5Network.start_cache`), which also computes every decoder layer's cross-attention
+keys and values; the decoder then follows the :mod:`lmppl.lm.base` network interface
+(``__call__(tokens, cache, token_counts)``) against a :class:`T5Cache` whose every leaf leads
+with the batch axis, so ``reorder_cache`` and ``broadcast_cache`` apply unchanged.
+
+:class:`T5LanguageModel` (what ``lmppl.load`` returns for a ``model_type: "t5"`` folder, and
+``lmppl.random_lm("t5")``) makes the decoder a sequential distribution conditioned on a
+source, ``p0(s_1:T | x) = prod_t softmax(decoder(x, [d_0, s_<t]))[s_t]`` with ``d_0`` the
+decoder start token, without any change to the inference stack: the source travels in the
+*prompt*. ``lmppl.LM(t5, source=x, max_new_tokens=T)`` resolves ``x`` into the packed prompt
+
+    [d_0, x_1, ..., x_S]   (right-padded; real length 1 + S)
+
+and the model reads it on its first call. ``init_cache`` returns a :class:`T5StartCache` (no
+encoder states yet); ``apply`` against it runs the encoder on ``x`` *with the parameters it
+is given* (so TNT gradients reach the encoder and DeRa runs each model's own encoder), builds
+the :class:`T5Cache` with the cross-attention keys/values and feeds ``d_0`` to the decoder.
+Every later call is the cached decoder. A prompt shared by all particles is prefilled once
+and broadcast, so the encoder runs once per source. Because the source is a pytree leaf of
+``LM`` (its prompt), batched and per-particle sources (``[..., 1 + S]``), sources in TNT
+datasets (``[N, 1 + S]``) and vmapped sweeps work as prompts do.
 
 T5's maths, as ``transformers``' ``modeling_t5.py``: RMS layer norms without bias
 (``w * x / sqrt(mean(x^2) + eps)``), attention scores ``<q, k>`` without the ``1/sqrt(D)``
@@ -23,9 +40,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from lmppl.lm.base import LMOutput
+from lmppl.lm.base import LanguageModel, LMOutput, Tokenizer
 from lmppl.lm.layers import (
     ACTIVATIONS,
     Embedding,
@@ -36,7 +54,20 @@ from lmppl.lm.layers import (
     write_rows,
 )
 
-__all__ = ["T5Cache", "T5Config", "T5Network", "t5_config_from_hf"]
+__all__ = [
+    "T5_MODEL_TYPES",
+    "T5Cache",
+    "T5Config",
+    "T5LanguageModel",
+    "T5Network",
+    "T5StartCache",
+    "is_t5_config",
+    "t5_config_from_hf",
+    "t5_language_model",
+]
+
+# Hugging Face ``model_type`` values read as T5 (Flan-T5 checkpoints say "t5").
+T5_MODEL_TYPES: tuple[str, ...] = ("t5",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +110,27 @@ class T5Config:
     decoder_start_token_id: int = 0
     eos_token_id: int | None = 1
     context_length: int = 512
+
+    @property
+    def architecture(self) -> str:
+        return "t5"
+
+    @property
+    def bos_token_id(self) -> None:
+        """T5 has no beginning-of-sequence token (the decoder starts from its start token)."""
+        return None
+
+    def replace(self, **changes: Any) -> T5Config:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def is_t5_config(d: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` dictionary describes a T5 / Flan-T5 checkpoint."""
+    architectures = d.get("architectures") or []
+    return d.get("model_type") in T5_MODEL_TYPES or (
+        d.get("model_type") is None and bool(architectures) and architectures[0].startswith("T5")
+    )
 
 
 def t5_config_from_hf(d: Mapping[str, Any]) -> T5Config:
@@ -379,3 +431,252 @@ class T5Network(nnx.Module):
 
 def _n(config: T5Config, decoder: int) -> range:
     return range(config.decoder_layers if decoder else config.encoder_layers)
+
+
+class T5StartCache(NamedTuple):
+    """A :class:`T5LanguageModel`'s cache before its packed prompt is fed (no encoder yet).
+
+    Fields:
+      slots: ``[B, L, 2 · decoder_layers · num_heads · head_dim]`` zeros of the cache dtype.
+        Only its shape and dtype are read: ``L`` (the positions the inference stack asked
+        for: packed prompt ``1 + S`` plus ``T`` new tokens) and the dtype of the keys and
+        values. Its size is that of the :class:`T5Cache` the first call builds (``S``
+        cross-attention plus ``1 + T`` self-attention keys and values per layer), so memory
+        estimates from ``init_cache``'s shape (``lmppl.infer.run_bytes``) hold; under
+        ``jit`` the unused zeros are never materialised.
+      length: ``[B]`` int32 zeros (nothing written yet).
+    """
+
+    slots: jax.Array
+    length: jax.Array
+
+
+class T5LanguageModel(LanguageModel):
+    """A T5 checkpoint as a language model whose prompt is the packed source (module doc).
+
+    ``apply(params, tokens, cache, token_counts)`` against a fresh :class:`T5StartCache`
+    reads ``tokens`` ``[B, 1 + S]`` as ``[d_0, x_1..x_S]`` with ``token_counts - 1`` real
+    source tokens, runs the encoder and returns the logits after ``d_0`` at *every* prompt
+    position (the inference stack reads the one at ``token_counts - 1``) and a
+    :class:`T5Cache` of ``L - S`` decoder positions (``d_0`` written). Against a
+    :class:`T5Cache` it is the cached decoder.
+
+    Example::
+
+        from lmppl.prompt import sequence_length
+
+        t5 = lmppl.load("google/flan-t5-small")  # a T5 folder or a cached hub id
+
+        def program():
+            source = "summarize: " + document  # text: tokenized, EOS appended
+            summary = numpyro.sample("summary", lmppl.LM(t5, source=source, max_new_tokens=24))
+            numpyro.factor("short", -0.1 * sequence_length(summary, t5.eos_token_id))
+
+        result = lmppl.infer.SMC(program, 64).run(jax.random.key(0))
+
+    ``lmppl.generate(t5, source=..., ...)``, ``lmppl.realign(t5_a, t5_b, λ)`` and
+    ``lmppl.tnt.train(t5, None, ..., source=...)`` take sources the same way.
+
+    Attributes:
+      config: the :class:`T5Config`.
+      is_encoder_decoder: True: ``lmppl.LM`` takes ``source=`` instead of ``prompt=``.
+    """
+
+    is_encoder_decoder = True
+    config: T5Config  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        network: T5Network,
+        config: T5Config,
+        tokenizer: Tokenizer | None = None,
+        name: str = "t5",
+    ):
+        super().__init__(network, config, tokenizer, name)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"T5LanguageModel({self.name!r}, vocab={c.vocab_size}, "
+            f"layers={c.encoder_layers}+{c.decoder_layers}, hidden={c.hidden_size}, "
+            f"source and decoder lengths <= {c.context_length})"
+        )
+
+    @property
+    def context_length(self) -> int:
+        """The longest packed prompt plus new tokens: ``1 + S + T <= 2 · n_positions``
+        (the source and the decoder sequence ``1 + T`` each within ``n_positions``;
+        :meth:`source_prompt` checks them separately)."""
+        return 2 * self.config.context_length
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        return self.config.decoder_start_token_id
+
+    def init_cache(
+        self, batch_size: int, max_length: int, dtype: Any | None = None
+    ) -> T5StartCache:
+        """A :class:`T5StartCache`: the encoder runs on the first ``apply``."""
+        if max_length > self.context_length:
+            raise ValueError(
+                f"a cache of {max_length} positions exceeds the packed context length "
+                f"{self.context_length} of {self.name}"
+            )
+        c = self.config
+        width = 2 * c.decoder_layers * c.num_heads * c.head_dim
+        return T5StartCache(
+            slots=jnp.zeros((batch_size, max_length, width), dtype or self.dtype),
+            length=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    def apply(
+        self,
+        params: Any,
+        tokens: jax.Array,
+        cache: Any,
+        token_counts: jax.Array | None = None,
+    ) -> LMOutput:
+        """The encoder and the start token (fresh cache), else the cached decoder (pure)."""
+        network: Any = nnx.merge(self.graphdef, params)
+        if not isinstance(cache, T5StartCache):
+            return network(tokens, cache, token_counts)
+        rows, width = tokens.shape
+        if width < 2:
+            raise ValueError(
+                f"{self.name}: the packed prompt needs the decoder start token and at least "
+                "one source token (build it with lmppl.LM(..., source=...))"
+            )
+        counts = (
+            jnp.full((rows,), width, jnp.int32)
+            if token_counts is None
+            else jnp.asarray(token_counts).astype(jnp.int32)
+        )
+        decoder_length = cache.slots.shape[1] - (width - 1)
+        if decoder_length > self.config.context_length:
+            raise ValueError(
+                f"{self.name}: {decoder_length} decoder positions exceed n_positions "
+                f"{self.config.context_length}"
+            )
+        start = network.start_cache(tokens[:, 1:], counts - 1, decoder_length, cache.slots.dtype)
+        out = network(tokens[:, :1], start)
+        return LMOutput(
+            logits=jnp.broadcast_to(out.logits, (rows, width, out.logits.shape[-1])),
+            hidden=jnp.broadcast_to(out.hidden, (rows, width, out.hidden.shape[-1])),
+            cache=out.cache,
+        )
+
+    def encode_source(self, text: str) -> list[int]:
+        """The encoder ids of ``text``: the tokenizer's pieces without special tokens, then
+        EOS (as T5's tokenizer writes a source)."""
+        if self.tokenizer is None:
+            raise ValueError(f"a text source needs a model with a tokenizer; {self.name} has none")
+        ids = list(self.tokenizer.encode(text, add_bos=False))
+        eos = self.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids
+
+    def source_prompt(self, source: Any, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:
+        """The packed prompt ``([..., 1 + S] tokens, [...] lengths)`` of a source.
+
+        Args:
+          source: text (encoded by :meth:`encode_source`, EOS appended), token ids ``[S]``
+            or ``[..., S]`` (used exactly as given, every one real), or a list of texts
+            and/or id lists of different lengths (a batch ``[n]``, right-padded with the
+            pad id, 0).
+          max_new_tokens: T; ``1 + T`` decoder positions must fit ``n_positions``.
+
+        Raises:
+          ValueError: an empty or too long source, ids outside the vocabulary, too many new
+            tokens (one line each).
+        """
+        limit = self.config.context_length
+        if max_new_tokens + 1 > limit:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} plus the decoder start token exceeds the "
+                f"{limit} decoder positions (n_positions) of {self.name}"
+            )
+        if isinstance(source, str):
+            ids = jnp.asarray(self.encode_source(source), jnp.int32)
+            lengths = jnp.asarray(ids.shape[-1], jnp.int32)
+        elif isinstance(source, list | tuple) and any(
+            isinstance(part, str | list | tuple | np.ndarray) for part in source
+        ):
+            rows = [
+                self.encode_source(part) if isinstance(part, str) else [int(i) for i in part]
+                for part in source
+            ]
+            width = max(len(row) for row in rows)
+            padded = np.zeros((len(rows), width), np.int32)
+            for i, row in enumerate(rows):
+                padded[i, : len(row)] = row
+            ids = jnp.asarray(padded)
+            lengths = jnp.asarray([len(row) for row in rows], jnp.int32)
+            if int(lengths.min()) == 0:
+                raise ValueError(
+                    f"the source of {self.name} is empty (row {int(lengths.argmin())})"
+                )
+        else:
+            ids = jnp.asarray(source)
+            if ids.ndim == 0:
+                ids = ids[None]
+            if ids.shape[-1] == 0:
+                raise ValueError(f"the source of {self.name} is empty: give at least one token")
+            if not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise TypeError(f"a source must be text or integer token ids, got {ids.dtype}")
+            ids = ids.astype(jnp.int32)
+            lengths = jnp.full(ids.shape[:-1], ids.shape[-1], jnp.int32)
+        width = ids.shape[-1]
+        if width == 0:
+            raise ValueError(f"the source of {self.name} is empty: give at least one token")
+        if width > limit:
+            raise ValueError(
+                f"the source ({width} tokens) exceeds the {limit} encoder positions "
+                f"(n_positions) of {self.name}; shorten it"
+            )
+        if not isinstance(ids, jax.core.Tracer):
+            values = np.asarray(ids)
+            if values.min() < 0 or values.max() >= self.vocab_size:
+                raise ValueError(
+                    f"source token ids must lie in [0, {self.vocab_size}); got "
+                    f"{values.min()}..{values.max()}"
+                )
+        start = jnp.full((*ids.shape[:-1], 1), self.decoder_start_token_id, jnp.int32)
+        return jnp.concatenate([start, ids], axis=-1), lengths + 1
+
+
+def t5_tensors(tensors: Mapping[str, Any], tied: bool) -> dict[str, Any]:
+    """``tensors`` with the names :class:`T5Network` reads filled in from their tied
+    aliases: ``shared.weight`` from ``encoder.embed_tokens.weight``, and a missing
+    ``lm_head.weight`` from ``shared.weight`` when the output is ``tied``
+    (``tie_word_embeddings``, default true: ``save_pretrained`` drops tied duplicates, and
+    ``transformers`` 5 ties every T5's output, scaled or not)."""
+    named = dict(tensors)
+    for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        if "shared.weight" not in named and alias in named:
+            named["shared.weight"] = named[alias]
+    if "lm_head.weight" not in named and tied and "shared.weight" in named:
+        named["lm_head.weight"] = named["shared.weight"]
+    return named
+
+
+def t5_language_model(
+    config_dict: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    tokenizer: Tokenizer | None,
+    dtype: Any,
+    name: str,
+) -> T5LanguageModel:
+    """A :class:`T5LanguageModel` from a ``config.json`` dictionary and named tensors (the
+    ``T5ForConditionalGeneration`` state dict); a missing tensor or wrong shape is a
+    one-line ``ValueError`` naming it."""
+    from lmppl.lm.build import TensorTable
+
+    config = t5_config_from_hf(config_dict)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"{name}: tokenizer of {tokenizer.vocab_size} tokens for a model of {config.vocab_size}"
+        )
+    tied = config_dict.get("tie_word_embeddings", True) is not False
+    network = T5Network(config, TensorTable(t5_tensors(tensors, tied), dtype, "t5"))
+    return T5LanguageModel(network, config, tokenizer, name=name)

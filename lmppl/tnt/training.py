@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from lmppl.lm.base import LanguageModel
-from lmppl.prompt import resolve_prompt
+from lmppl.prompt import resolve_model_prompt
 from lmppl.tnt.annotations import Annotations, valid_mask
 from lmppl.tnt.batch import TNTBatch, old_log_probs, sequence_log_probs
 from lmppl.tnt.losses import TNTLoss, batch_loss, get_loss, term_weights
@@ -48,6 +48,7 @@ def build_dataset(
     *,
     weights: Any = None,
     stop_at_eos: bool = True,
+    source: Any = None,
 ) -> TNTBatch:
     """All ``N`` annotated generations as one :class:`TNTBatch` (old log-probs included).
 
@@ -57,6 +58,10 @@ def build_dataset(
       annotations: an :class:`Annotations`, or a bool mask ``[N, T]`` (the padding mask
         then comes from the model's EOS when ``stop_at_eos``).
       weights: ``[N]`` sequence weights (default ones).
+      source: for an encoder-decoder model (T5; ``prompt`` is then None): the source
+        shared by all generations (text or ids ``[S]``), one per generation (ids
+        ``[N, S]``, or a list of N texts / id lists of any lengths), stored as the packed
+        prompts ``[N, 1 + S]`` (see :mod:`lmppl.lm.t5`).
     """
     tokens = np.asarray(getattr(generations, "tokens", generations), np.int32)
     if tokens.ndim != 2:
@@ -69,7 +74,7 @@ def build_dataset(
         raise ValueError(
             f"annotations of shape {annotations.mask.shape} for generations {tokens.shape}"
         )
-    prompt_tokens, prompt_length = resolve_prompt(prompt, lm.tokenizer, lm.vocab_size)
+    prompt_tokens, prompt_length = resolve_model_prompt(lm, prompt, source, tokens.shape[1])
     rows = tokens.shape[0]
     prompt_tokens = jnp.broadcast_to(prompt_tokens, (rows, prompt_tokens.shape[-1]))
     prompt_length = jnp.broadcast_to(prompt_length, (rows,)).astype(jnp.int32)
@@ -163,6 +168,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     dataset: TNTBatch | None = None,
+    source: Any = None,
 ) -> tuple[LanguageModel, dict[str, list[float]]]:
     """Fine-tune a copy of ``lm``'s parameters with a TNT loss against the frozen ``lm``.
 
@@ -187,6 +193,8 @@ def train(
       progress: show a tqdm bar.
       dataset: a prebuilt :func:`build_dataset` (reuses the old log-probs across losses;
         ``prompt``, ``generations``, ``annotations`` and ``weights`` are then ignored).
+      source: an encoder-decoder model's source(s) instead of ``prompt`` (see
+        :func:`build_dataset`).
 
     Returns:
       ``(lm_new, history)``: a copy of ``lm`` with the trained parameters, and
@@ -196,7 +204,9 @@ def train(
     if not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"num_steps must be a non-negative integer, got {num_steps!r}")
     if dataset is None:
-        dataset = build_dataset(lm, prompt, generations, annotations, weights=weights)
+        dataset = build_dataset(
+            lm, prompt, generations, annotations, weights=weights, source=source
+        )
     rows = int(dataset.tokens.shape[0])
     if not 1 <= batch_size <= rows:
         raise ValueError(

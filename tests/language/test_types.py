@@ -25,6 +25,8 @@ LANGUAGE_MODELS = {
     "table": lambda: TABLE,
     "llama": lambda: lmppl.random_lm("llama", symbols=3, num_layers=1, seed=1),
     "gpt2": lambda: lmppl.random_lm("gpt2", symbols=3, num_layers=1, seed=2),
+    # its first call reads the tokens as the packed prompt [d_0, source] (lmppl.lm.t5)
+    "t5": lambda: lmppl.random_lm("t5", symbols=3, num_layers=1, seed=3),
     "realigned_token": lambda: lmppl.realign(TABLE, table_lm(3, context_length=12, seed=2), 0.5),
     "realigned_global": lambda: lmppl.realign(
         TABLE, table_lm(3, context_length=12, seed=2), 0.5, mode="global"

@@ -1,4 +1,4 @@
-"""T5 (work in progress): encoder + cached decoder against transformers' T5ForConditionalGeneration.
+"""T5 networks: encoder + cached decoder against transformers' T5ForConditionalGeneration.
 
 Tiny random configs in float32: original T5 (ReLU MLP, tied output scaled by d_model^-1/2)
 and T5 v1.1 / Flan-T5 (gated GELU, untied). Checked: the decoder's full forward pass over a
