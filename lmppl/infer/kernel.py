@@ -301,7 +301,7 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
         if sampled:
             raise ProgramError(
                 "conditional SMC clamps the LM sites only; the program samples latent sites "
-                f"before '{phase.lm_site.name}': " + ", ".join(sampled)
+                f"before it ('{phase.lm_site.name}'): " + ", ".join(sampled)
             )
     resampler = options.resampling
     if options.ess_threshold is not None and resampler not in ("multinomial", multinomial):
