@@ -63,6 +63,12 @@ class TransformerTwist(Twist):
     """
 
     def __init__(self, lm: LanguageModel, *, output: str = "log", conditional: bool = False):
+        if getattr(lm, "is_encoder_decoder", False):
+            raise ValueError(
+                f"TransformerTwist copies a decoder-only body; {lm.name} is an encoder-decoder "
+                "model (its prompt packs the source): use LinearTwist or MLPTwist, which read "
+                "the decoder's hidden states"
+            )
         self.output = self._check_output(output)
         self.vocab_size = lm.vocab_size
         self.lm = lm

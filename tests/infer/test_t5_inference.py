@@ -129,3 +129,10 @@ def test_a_sampled_sequence_as_the_source_of_an_observed_t5_site():
         f"sampled source: mean Ẑ/Z {ratios.mean():.4f} ± {ratios.std(ddof=1) / np.sqrt(NUM_RUNS):.4f}"
     )
     assert_within_standard_errors(ratios, 1.0, k=4)
+
+
+def test_transformer_twist_refuses_an_encoder_decoder_model():
+    """Its body would read the packed source prompt as decoder tokens: refused in one line."""
+    with pytest.raises(ValueError, match="encoder-decoder") as error:
+        lmppl.twists.TransformerTwist(random_t5(0))
+    assert "\n" not in str(error.value)
