@@ -110,11 +110,6 @@ def build_train_step(
     exact σ samples for them (the positives; exclusive with ``target_sampler``)."""
     structure = discover(program, args, kwargs)
     structure.refuse_several_sites("twist training")
-    if structure.step_potentials:
-        raise ProgramError(
-            "twist training does not support per-step potentials yet: "
-            + ", ".join(s.name for s in structure.step_potentials)
-        )
     arrays, _, rebuild = split_arguments(args, kwargs)
     site = structure.lm_site
     model = site.model
@@ -123,6 +118,16 @@ def build_train_step(
         raise ValueError(f"batch must be one of {BATCHES}, got {batch!r}")
     mixture = batch == "mixture" and loss.name in MIXTURE_LOSSES
     needs_base = "base" in loss.needs or mixture
+    if structure.step_potentials and (loss.name != "ctl" or needs_base):
+        # CTL on the SIS batch reads only the sweep's weights, which already include the
+        # step factors m_t (the proposal is ∝ p0 m_t ψ_t, π_t ∝ p0 Π_{k≤t} m_k ψ_t); the
+        # other losses and the p0 mixture use p0's and ψ's densities without them.
+        raise ProgramError(
+            "twist training with per-step potentials ("
+            + ", ".join(s.name for s in structure.step_potentials)
+            + f") supports method='ctl' with batch='proposal' only; got method="
+            f"'{loss.name}', batch='{batch}'"
+        )
     proposal_sweep = build_sweep(
         structure,
         program,
