@@ -78,6 +78,9 @@ SAMPLERS = {
     "IS": lambda p: lmppl.infer.ImportanceSampling(p, 8),
     "SMC": lambda p: lmppl.infer.SMC(p, 8, ess_threshold=1.0),
     "SMC blocks of 2": lambda p: lmppl.infer.SMC(p, 8, ess_threshold=1.0, resample_every=2),
+    "SMC at tokens starting with a": lambda p: lmppl.infer.SMC(
+        p, 8, ess_threshold=1.0, resample_at=lambda text: text.startswith("a")
+    ),
     "TwistedSMC": lambda p: lmppl.infer.TwistedSMC(
         p, 8, {"s": lambda i: jnp.tanh(0.4 * jnp.arange(LM.vocab_size) - 0.2 * i.step)[None]}
     ),
