@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import force_rows, token_log_weights
+from lmppl.decoding import force_rows, token_log_weights, valid_mask
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import (
@@ -34,6 +34,7 @@ from lmppl.infer.program import (
     prefix_supports,
     run_prefix_given,
     run_suffix,
+    step_potential_functions,
 )
 from lmppl.infer.result import InferenceResult
 from lmppl.infer.twist import TwistInputs
@@ -212,12 +213,39 @@ class Exact:
             eos_token_id=site.eos_token_id,
         )
 
+    def _step_log_factors(self, structure, args, kwargs, sequences) -> np.ndarray:
+        """``[M, T]`` each step's ``Σ log m_t(s_<t, s_t)`` over the per-step potentials
+        (0 after the first EOS and without potentials), the states advanced token by token
+        as the sweep does."""
+        if not structure.step_potentials:
+            return np.zeros(sequences.shape, np.float32)
+        functions = step_potential_functions(
+            structure, self.program, args, kwargs, structure.model_params()
+        )
+        assert functions is not None, "the structure has step potentials"
+        eos = structure.lm_site.eos_token_id
+        positions = jnp.arange(sequences.shape[1])
+
+        def row(sequence):
+            def at(states, t):
+                prefix = jnp.where(positions < t, sequence, 0)
+                logs = functions.log_weights({}, states, prefix, t)
+                value = sum((x[sequence[t]] for x in logs), jnp.zeros((), jnp.float32))
+                return functions.update({}, states, sequence[t], t), value
+
+            _, values = jax.lax.scan(at, functions.init({}), positions)
+            return jnp.where(valid_mask(sequence, eos), values, 0.0)
+
+        return np.asarray(jax.jit(jax.vmap(row))(jnp.asarray(sequences)))
+
     @reraising
     def optimal_twist(self, *args, rng_key: jax.Array | None = None, **kwargs) -> ExactTwist:
-        """``ψ*_t(s_1:t) = E_p0[φ | s_1:t]`` for every prefix, as a twist for TwistedSMC.
+        """``ψ*_t(s_1:t) = E_p0[Π_{k>t} m_k · φ | s_1:t]`` for every prefix, as a twist for
+        TwistedSMC.
 
-        Per-step potentials are folded into the twist the same way SMC applies them:
-        ``ψ*_t`` covers the potentials of steps after t and φ.
+        Per-step potentials ``m_k`` are folded into the twist the same way SMC applies them
+        (the proposal multiplies p0 by ``m_t`` before the twist): ``ψ*_t`` covers the
+        potentials of steps after t and φ, so twisted SMC is exact on every run.
         """
         rng_key = jax.random.key(0) if rng_key is None else rng_key
         structure, sequences, per_token, log_phi, _, _ = self._enumerate(rng_key, args, kwargs)
@@ -226,16 +254,15 @@ class Exact:
                 "optimal_twist needs a program without latent sites before the LM site: "
                 + ", ".join(structure.prefix_sites)
             )
-        if structure.step_potentials:
-            raise ProgramError(
-                "optimal_twist does not support per-step potentials yet: "
-                + ", ".join(s.name for s in structure.step_potentials)
-            )
         vocab, steps = structure.lm_site.model.vocab_size, structure.lm_site.max_new_tokens
         log_target = per_token.sum(axis=1) + log_phi
         log_target = np.where(np.isnan(log_target), -np.inf, log_target)
         tables = []
-        prefix_log_p0 = np.cumsum(per_token, axis=1)
+        # Per-step potentials are applied by the sweep before the twist: ψ*_t divides by
+        # p0(s_1:t) Π_{k≤t} m_k(s_1:k), so it covers the factors of later steps and φ.
+        factors = self._step_log_factors(structure, args, kwargs, sequences)
+        with np.errstate(invalid="ignore"):
+            prefix_log_p0 = np.cumsum(per_token + factors, axis=1)
         for t in range(1, steps + 1):
             codes = np.zeros(len(sequences), np.int64)
             for k in range(t):

@@ -43,7 +43,7 @@ def test_marginal_likelihood_is_unbiased(name, backend):
     assert_within_standard_errors(mean, 1.0, k=4, standard_error=error)
 
 
-@pytest.mark.parametrize("name", ["soft_factor", "infilling", "eos"])
+@pytest.mark.parametrize("name", ["soft_factor", "infilling", "eos", "banned_tokens"])
 def test_twisted_smc_with_optimal_twist_is_exact_on_every_run(name):
     program, args = TARGETS[name]
     exact = lmppl.infer.Exact(program)
