@@ -34,6 +34,7 @@ costs one token of parsing per particle and step.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmppl.automata import _short as short_pattern
 from lmppl.automata import token_texts
 
 __all__ = ["Grammar", "GrammarPotential", "grammar"]
@@ -96,14 +98,14 @@ class Grammar:
         error = llguidance.LLMatcher.validate_grammar(self._grammar, self._tokenizer)
         if error and not error.startswith("WARNING"):
             first = " ".join(line.strip() for line in error.strip().splitlines()[:1])
-            raise ValueError(f"grammar: cannot compile {_short(lark)!r}: {first}")
+            raise ValueError(f"grammar: cannot compile {_short(lark)}: {first}")
         self._llguidance = llguidance
         self._cache: OrderedDict[bytes, Any] = OrderedDict()
         self._cache_size = int(cache_size)
         self.host_seconds = 0.0  # time spent in the callbacks (for benchmarks)
 
     def __repr__(self) -> str:
-        return f"Grammar({_short(self.lark)!r}, vocab_size={self.vocab_size})"
+        return f"Grammar({_short(self.lark)}, vocab_size={self.vocab_size})"
 
     def _start(self) -> Any:
         return self._llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0)
@@ -174,8 +176,6 @@ class Grammar:
     def masks(self, prefixes: np.ndarray, t: np.ndarray, steps: int, eos: int | None) -> np.ndarray:
         """``[..., V]`` masks for prefixes ``[..., T]`` at steps ``t`` ``[...]`` (the
         host side of :meth:`GrammarPotential.log_weights`)."""
-        import time
-
         start = time.perf_counter()
         prefixes = np.asarray(prefixes)
         batch = prefixes.shape[:-1]
@@ -218,9 +218,9 @@ class GrammarPotential:
         return state
 
 
-def _short(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(text: str) -> str:
+    """The grammar on one line, cut to 60 characters, quoted (for messages)."""
+    return short_pattern(" ".join(text.split()))
 
 
 def grammar(lark: str, tokenizer_or_model: Any, *, cache_size: int = DEFAULT_CACHE_SIZE) -> Grammar:

@@ -48,6 +48,7 @@ __all__ = [
     "log_indicator",
     "regex",
     "step_factor",
+    "step_log_factors",
     "text",
     "text_classifier",
     "threshold",
@@ -223,6 +224,30 @@ def _check_vocabulary(name: str, potential: Any, width: int, lm_site: tuple[str,
     )
 
 
+def step_log_factors(
+    potential: Any,
+    sequence: jax.Array,
+    eos_token_id: int | None,
+    check_width: Callable[[int], None] | None = None,
+) -> jax.Array:
+    """``[T]`` ``log m_t(state_t, s_<t, s_t)`` of one sequence ``[T]`` under a
+    :class:`~lmppl.types.StatefulStepPotential`, the state advanced token by token from
+    ``potential.init()`` (as SMC does); 0 after the first EOS, −inf for a token beyond the
+    potential's width. ``check_width(V)`` is called with the width while tracing."""
+    positions = jnp.arange(sequence.shape[-1])
+
+    def at(state, t):
+        prefix = jnp.where(positions < t, sequence, 0)
+        log_weights = potential.log_weights(state, prefix, t)
+        if check_width is not None:
+            check_width(log_weights.shape[-1])
+        value = log_weights.at[sequence[t]].get(mode="fill", fill_value=-jnp.inf)
+        return potential.update(state, sequence[t], t), value
+
+    _, values = jax.lax.scan(at, potential.init(), positions)
+    return jnp.where(valid_mask(sequence, eos_token_id), values, 0.0)
+
+
 def _step_site(
     name: str, sequence: jax.Array, potential: Any, eos_token_id: int | None
 ) -> jax.Array:
@@ -239,19 +264,13 @@ def _step_site(
     lm_site = _lm_site_of(original)
     sequence = jnp.asarray(sequence)
     steps = sequence.shape[-1]
-    positions = jnp.arange(steps)
+
+    def check(width: int) -> None:
+        if lm_site is not None:  # the width is static: checked once, while tracing
+            _check_vocabulary(name, potential, width, lm_site)
 
     def total(row: jax.Array) -> jax.Array:
-        def at(state, t):
-            prefix = jnp.where(positions < t, row, 0)
-            log_weights = potential.log_weights(state, prefix, t)
-            if lm_site is not None:  # the width is static: checked once, while tracing
-                _check_vocabulary(name, potential, log_weights.shape[-1], lm_site)
-            value = log_weights.at[row[t]].get(mode="fill", fill_value=-jnp.inf)
-            return potential.update(state, row[t], t), value
-
-        _, values = jax.lax.scan(at, potential.init(), positions)
-        return jnp.where(valid_mask(row, eos_token_id), values, 0.0).sum()
+        return step_log_factors(potential, row, eos_token_id, check).sum()
 
     flat = sequence.reshape(-1, steps)
     log_factor = jax.vmap(total)(flat).reshape(sequence.shape[:-1])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from lmppl.decoding import force_rows, token_log_weights, valid_mask
+from lmppl.decoding import force_rows, token_log_weights
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import (
@@ -38,6 +38,7 @@ from lmppl.infer.program import (
 )
 from lmppl.infer.result import InferenceResult
 from lmppl.infer.twist import TwistInputs
+from lmppl.potentials import step_log_factors
 
 __all__ = ["Exact", "ExactTwist", "token_log_probs"]
 
@@ -85,6 +86,23 @@ class ExactTwist:
         for token in prefix:
             code = code * self.vocab_size + int(token)
         return float(self.log_psi[len(prefix) - 1][code])
+
+
+class _CombinedStepPotentials:
+    """A program's per-step potentials (no prefix latents) as one stateful potential:
+    ``log m_t = Σ_i log m_t^i``, the state the tuple of theirs."""
+
+    def __init__(self, functions: Any):
+        self.functions = functions
+
+    def init(self) -> tuple:
+        return self.functions.init({})
+
+    def log_weights(self, state: tuple, prefix: jax.Array, t: jax.Array) -> jax.Array:
+        return sum(self.functions.log_weights({}, state, prefix, t))
+
+    def update(self, state: tuple, token: jax.Array, t: jax.Array) -> tuple:
+        return self.functions.update({}, state, token, t)
 
 
 class Exact:
@@ -223,20 +241,10 @@ class Exact:
             structure, self.program, args, kwargs, structure.model_params()
         )
         assert functions is not None, "the structure has step potentials"
+        combined = _CombinedStepPotentials(functions)
         eos = structure.lm_site.eos_token_id
-        positions = jnp.arange(sequences.shape[1])
-
-        def row(sequence):
-            def at(states, t):
-                prefix = jnp.where(positions < t, sequence, 0)
-                logs = functions.log_weights({}, states, prefix, t)
-                value = sum((x[sequence[t]] for x in logs), jnp.zeros((), jnp.float32))
-                return functions.update({}, states, sequence[t], t), value
-
-            _, values = jax.lax.scan(at, functions.init({}), positions)
-            return jnp.where(valid_mask(sequence, eos), values, 0.0)
-
-        return np.asarray(jax.jit(jax.vmap(row))(jnp.asarray(sequences)))
+        factors = jax.jit(jax.vmap(lambda row: step_log_factors(combined, row, eos)))
+        return np.asarray(factors(jnp.asarray(sequences)))
 
     @reraising
     def optimal_twist(self, *args, rng_key: jax.Array | None = None, **kwargs) -> ExactTwist:
