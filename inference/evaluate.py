@@ -91,6 +91,28 @@ NAMES = {"ctl": "CTL", "rl": "RL", "sixo": "SIXO", "fudge": "FUDGE", "dpg": "DPG
 SIS, SMC = "SIS (p0)", "SMC (p0)"
 
 
+def _updates(config: dict, unit: str = "") -> str:
+    """A twist's training updates, ``× C`` conditions averaged per update when C > 1."""
+    per_step = config["conditions_per_step"]
+    return f"{config['steps']}" + (f" × {per_step}{unit}" if per_step > 1 else "")
+
+
+def _ess_first_last(history: dict) -> str:
+    """The SIS ESS / N averaged over the first and the last tenth of training."""
+    tenth = max(1, len(history["ess"]) // 10)
+    first = float(np.mean(history["ess"][:tenth]))
+    last = float(np.mean(history["ess"][-tenth:]))
+    return f"{first:.3f} → {last:.3f}"
+
+
+def _training_commands(twist_configs: dict) -> list[str]:
+    """The report lines listing the commands that trained the twists (none: no lines)."""
+    commands = sorted({c["command"] for c, _ in twist_configs.values() if c.get("command")})
+    if not commands:
+        return []
+    return ["", "Twists trained by", ""] + [f"    {c}" for c in commands] + [""]
+
+
 def _report_header(task, command: str, settings: dict, seconds: float, timings: dict | None):
     """The lines every ``report.md`` opens with after its title: target, command, time, settings."""
     return [
@@ -309,22 +331,12 @@ def write_report(
             "|---|---|---:|---:|---:|---|---|---:|",
         ]
         for method, (config, history) in twist_configs.items():
-            tenth = max(1, len(history["ess"]) // 10)
-            first = float(np.mean(history["ess"][:tenth]))
-            last = float(np.mean(history["ess"][-tenth:]))
             lines.append(
-                f"| {NAMES[method]} | {config['twist']} | {config['steps']}"
-                + (
-                    f" × {config['conditions_per_step']} conditions"
-                    if config["conditions_per_step"] > 1
-                    else ""
-                )
-                + f" | {config['particles']} | {config['lr']:g} | {config['positives']} | "
-                f"{first:.3f} → {last:.3f} | {config['seconds']:.0f} |"
+                f"| {NAMES[method]} | {config['twist']} | {_updates(config, ' conditions')}"
+                f" | {config['particles']} | {config['lr']:g} | {config['positives']} | "
+                f"{_ess_first_last(history)} | {config['seconds']:.0f} |"
             )
-        commands = sorted({c["command"] for c, _ in twist_configs.values() if c.get("command")})
-        if commands:
-            lines += ["", "Twists trained by", ""] + [f"    {c}" for c in commands] + [""]
+        lines += _training_commands(twist_configs)
     (out / "report.md").write_text("\n".join(lines))
     return "\n".join(lines)
 
@@ -532,23 +544,13 @@ def write_kl_report(
             "|---|---:|---|---:|---:|---:|---|---:|",
         ]
         for (method, seed), (config, history) in twist_configs.items():
-            tenth = max(1, len(history["ess"]) // 10)
-            first = float(np.mean(history["ess"][:tenth]))
-            last = float(np.mean(history["ess"][-tenth:]))
             lines.append(
                 f"| {NAMES[method]} | {seed if seed is not None else config['seed']} | "
-                f"{config['twist']} | {config['steps']}"
-                + (
-                    f" × {config['conditions_per_step']}"
-                    if config["conditions_per_step"] > 1
-                    else ""
-                )
-                + f" | {config['particles']} | {config['lr']:g} | {first:.3f} → {last:.3f} | "
+                f"{config['twist']} | {_updates(config)}"
+                f" | {config['particles']} | {config['lr']:g} | {_ess_first_last(history)} | "
                 f"{config['seconds']:.0f} |"
             )
-        commands = sorted({c["command"] for c, _ in twist_configs.values() if c.get("command")})
-        if commands:
-            lines += ["", "Twists trained by", ""] + [f"    {c}" for c in commands] + [""]
+        lines += _training_commands(twist_configs)
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
