@@ -47,6 +47,7 @@ import models  # noqa: E402
 RECIPES = {
     "old": {"batch": "proposal"},
     "default": {"batch": "mixture"},
+    "exact": {"batch": "mixture"},
 }
 TASKS = ("infilling-fixed", "toxicity-threshold", "toxicity-classifier")
 
@@ -68,11 +69,13 @@ def reference_log_z(task, draws: int, rng_key, batch: int = 4096, chunk: int = 8
     return float(estimate), float(error), runs * batch
 
 
-def train(task, recipe: str, options, rng_key, exact):
+def train(task, recipe: str, options, rng_key, validation, positives):
     twist = lmppl.twists.MLPTwist(task.lm, hidden_size=options.hidden, seed=options.seed)
     extra = dict(RECIPES[recipe])
-    if recipe == "default":
-        extra.update(eval_every=options.eval_every, exact_samples=exact.samples[: options.runs])
+    if recipe != "old":
+        extra.update(eval_every=options.eval_every, exact_samples=validation)
+    if recipe == "exact":
+        extra.update(target_sampler=lmppl.twists.pool_sampler(positives))
     began = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", lmppl.twists.TwistGapWarning)
@@ -92,12 +95,62 @@ def train(task, recipe: str, options, rng_key, exact):
     return trained, history, time.perf_counter() - began, warned
 
 
+def exact_pool(task, count: int, rng_key, out: Path, suffix: str):
+    """``count`` exact samples of σ by rejection, cached in ``out`` (rejection from p0 is
+    the slow part at low acceptance; a rerun with more samples draws only the rest)."""
+    cache = out / f"exact_{task.name}{suffix}.npz"
+    have = None
+    if cache.is_file():
+        stored = np.load(cache)
+        have = (stored["samples"], int(stored["draws"]))
+        if len(have[0]) >= count:
+            return lmppl.evaluation.ExactSamples(
+                have[0][:count], task.site, num_draws=have[1], acceptance_rate=len(have[0]) / have[1]
+            )
+    start = 0 if have is None else len(have[0])
+    bar = tqdm(total=count - start, desc=f"{task.name}: exact samples", leave=False)
+
+    def progress(accepted: int, drawn: int) -> None:
+        bar.update(min(accepted, count - start) - bar.n)
+        bar.set_postfix(drawn=drawn)
+
+    fresh = task.exact_samples(
+        jax.random.fold_in(rng_key, start),
+        count - start,
+        batch_size=4096,
+        max_draws=50_000_000,
+        progress=progress,
+    )
+    bar.close()
+    samples = fresh.samples if have is None else np.concatenate([have[0], fresh.samples])
+    draws = fresh.num_draws + (0 if have is None else have[1])
+    np.savez(cache, samples=samples, draws=draws)
+    return lmppl.evaluation.ExactSamples(
+        samples, task.site, num_draws=draws, acceptance_rate=len(samples) / draws
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(models.TASKS))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--reference-draws", type=int, default=327_680)
-    parser.add_argument("--exact", type=int, default=64, help="exact samples (rejection)")
+    parser.add_argument(
+        "--exact", type=int, default=64, help="held-out exact samples for the upper bounds"
+    )
+    parser.add_argument(
+        "--validation", type=int, default=16, help="exact samples for fit's evaluations"
+    )
+    parser.add_argument(
+        "--positives", type=int, default=512, help="exact positives (recipe 'exact')"
+    )
+    parser.add_argument(
+        "--threshold-limit",
+        type=float,
+        default=-1.0,
+        help="toxicity-threshold: σ ∝ p0 · 1[score < limit] (−1: P ≈ 2e-3, a reference "
+        "log Z to ±0.04 from 327k draws; the paper's −5 has P ≈ 3e-5)",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--particles", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -113,10 +166,12 @@ def main(argv=None) -> int:
     key = jax.random.key(options.seed)
     rows = []
     for task_index, name in enumerate(options.tasks):
-        task = models.TASKS[name]()
+        settings = {"limit": options.threshold_limit} if name == "toxicity-threshold" else {}
+        task = models.TASKS[name](**settings)
+        suffix = f"_limit{options.threshold_limit:g}" if settings else ""
         task_key = jax.random.fold_in(key, task_index)
         began = time.perf_counter()
-        cache = options.out / f"reference_{name}_{options.reference_draws}.json"
+        cache = options.out / f"reference_{name}{suffix}_{options.reference_draws}.json"
         if cache.is_file():
             log_z, log_z_error, draws = json.loads(cache.read_text())
         else:
@@ -124,18 +179,23 @@ def main(argv=None) -> int:
                 task, options.reference_draws, jax.random.fold_in(task_key, 0)
             )
             cache.write_text(json.dumps([log_z, log_z_error, draws]))
-        exact = task.exact_samples(
-            jax.random.fold_in(task_key, 1), options.exact, batch_size=4096, max_draws=20_000_000
-        )
+        needed = options.exact + options.validation
+        if "exact" in options.recipes:
+            needed += options.positives
+        pool = exact_pool(task, needed, jax.random.fold_in(task_key, 1), options.out, suffix)
+        exact = pool._replace(samples=pool.samples[: options.exact])
+        validation = pool.samples[options.exact : options.exact + options.validation]
+        positives = pool.samples[options.exact + options.validation :]
         print(
             f"{name}: IS reference log Z = {log_z:.4f} ± {log_z_error:.4f} ({draws:,} draws); "
-            f"{options.exact} exact samples, acceptance {exact.acceptance_rate:.3g} "
+            f"{pool.num_samples} exact samples ({options.exact} held out, {len(validation)} "
+            f"validation, {len(positives)} positives), acceptance {pool.acceptance_rate:.3g} "
             f"({time.perf_counter() - began:.0f}s)",
             flush=True,
         )
         for recipe in options.recipes:
             trained, history, seconds, warned = train(
-                task, recipe, options, jax.random.fold_in(task_key, 2), exact
+                task, recipe, options, jax.random.fold_in(task_key, 2), validation, positives
             )
             table = lmppl.evaluation.log_z_bounds(
                 task.program,

@@ -164,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact samples of σ drawn for the upper bounds (default 16)",
     )
     train.add_argument(
+        "--positives",
+        type=int,
+        default=256,
+        help="exact samples of σ drawn once as the positives of ctl / sixo / dpg when the task "
+        "has an unconditional exact sampler (default 256; 0: positives from the training batch)",
+    )
+    train.add_argument(
+        "--positive-draws",
+        type=int,
+        default=2_000_000,
+        help="rejection budget for the positives (default 2000000 draws of p0; if it runs out, "
+        "the positives found so far are used, or none)",
+    )
+    train.add_argument(
         "--checkpoint-every",
         type=int,
         default=50,

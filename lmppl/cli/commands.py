@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -186,9 +187,49 @@ def _evaluation_options(options, task) -> dict:
     return extra
 
 
-def cmd_train_twist(options: argparse.Namespace) -> int:
-    import warnings
+POSITIVE_METHODS = ("ctl", "sixo", "dpg")  # the losses whose σ term reads positives
 
+
+def _exact_positives(options, task) -> dict:
+    """``fit``'s ``target_sampler`` over ``--positives`` exact samples of σ (drawn once,
+    independent of the evaluation's), when the task has an unconditional exact sampler
+    and the loss reads positives; ``{}`` otherwise (positives from the training batch)."""
+    import jax
+
+    from lmppl import twists
+
+    if options.positives < 0 or options.positive_draws < 1:
+        raise UsageError("--positives must be ≥ 0 and --positive-draws positive")
+    if options.positives == 0 or options.method not in POSITIVE_METHODS:
+        return {}
+    if task.exact is None or task.conditional:
+        _print(
+            "positives: from the training batch (the task has no unconditional exact sampler)"
+        )
+        return {}
+    start = time.perf_counter()
+    key = jax.random.fold_in(_key(options.seed), 8)
+    extra = {}
+    if task.exact == "rejection":
+        extra = {"max_draws": options.positive_draws, "batch_size": 1024, "allow_fewer": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a short pool is reported below
+        exact = task.exact_samples(key, options.positives, **extra)
+    if exact.num_samples == 0:
+        _print(
+            f"positives: no exact sample in {options.positive_draws} draws by {task.exact}; "
+            "positives from the training batch (raise --positive-draws)"
+        )
+        return {}
+    _print(
+        f"positives: {exact.num_samples} exact samples of σ by {task.exact} "
+        f"({exact.num_draws} draws, {time.perf_counter() - start:.1f}s), drawn with "
+        "replacement for every step"
+    )
+    return {"target_sampler": twists.pool_sampler(exact.samples)}
+
+
+def cmd_train_twist(options: argparse.Namespace) -> int:
     from lmppl import twists
 
     for name in ("steps", "particles"):
@@ -224,6 +265,7 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
             f"resuming from {found[0]}" if found else f"no checkpoint in {checkpoints}: starting"
         )
     evaluation = _evaluation_options(options, task)
+    positives = _exact_positives(options, task)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", twists.TwistGapWarning)  # printed below instead
@@ -244,6 +286,7 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
             checkpoint_every=options.checkpoint_every,
             resume=options.resume,
             **evaluation,
+            **positives,
         )
     seconds = time.perf_counter() - start
     bounds = _training_bounds(options, history)
@@ -258,6 +301,7 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
         "learning_rate": options.lr,
         "seed": options.seed,
         "batch": options.batch,
+        "exact_positives": options.positives if positives else 0,
         "bounds": bounds,
     }
     path = twists.save_twist(

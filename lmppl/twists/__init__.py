@@ -9,7 +9,8 @@
   p0 reaches is dropped), optionally measuring its own bidirectional bounds
   (``eval_every``, :class:`BoundsMonitor`; :class:`TwistGapWarning` when they stay apart); twist files with
   :func:`save_twist` / :func:`load_twist` (they record the twist's class and options,
-  so ``load_twist(path, lm)`` rebuilds it; :mod:`lmppl.twists.io`).
+  so ``load_twist(path, lm)`` rebuilds it; :mod:`lmppl.twists.io`); exact positives from a
+  pool of exact samples of σ (:func:`pool_sampler`, ``fit(target_sampler=...)``).
 
 A trained twist is used as ``lmppl.infer.TwistedSMC(program, N, twists={"site": twist})``.
 """
@@ -22,6 +23,7 @@ from lmppl.twists.io import build_twist, load_twist, read_twist_info, save_twist
 from lmppl.twists.losses import TwistLoss, ctl, dpg, fudge, rl, sixo
 from lmppl.twists.mixture import defensive_mixture
 from lmppl.twists.monitor import BoundsMonitor, TwistGapWarning
+from lmppl.twists.positives import pool_sampler
 from lmppl.twists.samples import Samples
 from lmppl.twists.tabular import TabularTwist
 from lmppl.twists.training import BATCHES, TrainingDiverged, fit
@@ -48,6 +50,7 @@ __all__ = [
     "load_checkpoint",
     "load_twist",
     "losses",
+    "pool_sampler",
     "read_twist_info",
     "rl",
     "save_checkpoint",

@@ -64,7 +64,7 @@ def target():
     return program, exact
 
 
-def _train(program, exact, batch):
+def _train(program, exact, batch, **options):
     twist = lmppl.twists.MLPTwist(LM, hidden_size=32, seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -82,6 +82,7 @@ def _train(program, exact, batch):
             eval_particles=16,
             eval_runs=16,
             progress=False,
+            **options,
         )
     gap_warnings = [w for w in caught if issubclass(w.category, TwistGapWarning)]
     return trained, history, gap_warnings
@@ -114,6 +115,43 @@ def test_default_mixture_batch_keeps_both_modes(target, trained):
     assert kl < 0.05
     assert not gap_warnings
     assert abs(history["bound_gap"][history["best_step"] - 1]) < 0.2
+
+
+def test_exact_positives_keep_both_modes_even_with_sis_negatives(target):
+    """Positives from a pool of exact σ samples (held apart from the evaluation's): the σ
+    term of CTL's gradient sees both modes from the first step, so even the SIS batch's
+    negatives (which alone drop B) learn both."""
+    program, exact = target
+    pool = lmppl.evaluation.enumeration_sample(program, jax.random.key(11), 64)
+    sampler = lmppl.twists.pool_sampler(pool)
+    trained, history, gap_warnings = _train(program, exact, "proposal", target_sampler=sampler)
+    kl = _kl_sigma_q(program, trained)
+    samples = enumerate_samples(program, (), trained, trained.params)
+    modes = np.isfinite(np.asarray(samples.log_weights))
+    q_modes = np.exp(np.asarray(log_q(samples), np.float64)[modes])
+    print("exact positives, SIS negatives: KL(σ‖q) =", kl, "q(modes) =", q_modes)
+    # a dropped mode has q(B) ≈ 0 and KL(σ‖q) ≥ ½ log(½ / q(B)) > 2 (the SIS-positive run)
+    assert len(q_modes) == 2 and np.all(q_modes > 0.3)
+    assert kl < 0.1
+    assert not gap_warnings
+
+
+def test_pool_sampler_draws_rows_of_the_pool_uniformly():
+    pool = np.array([[1, 2], [3, 4], [0, 0]], np.int32)
+    draws = np.asarray(
+        jax.jit(lmppl.twists.pool_sampler(pool), static_argnums=1)(jax.random.key(0), 3000)
+    )
+    assert draws.shape == (3000, 2) and draws.dtype == np.int32
+    rows, counts = np.unique(draws, axis=0, return_counts=True)
+    assert sorted(map(tuple, rows.tolist())) == [(0, 0), (1, 2), (3, 4)]
+    assert np.all(np.abs(counts - 1000) < 4 * np.sqrt(3000 * (1 / 3) * (2 / 3)))
+    with pytest.raises(ValueError, match=r"\[M, T\] token ids"):
+        lmppl.twists.pool_sampler(np.zeros((0, 2), np.int32))
+    with pytest.raises(ValueError, match="integer token ids"):
+        lmppl.twists.pool_sampler(np.zeros((2, 2)))
+    joint = lmppl.evaluation.ExactSamples(pool, "s", conditions=np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="its own condition"):
+        lmppl.twists.pool_sampler(joint)
 
 
 def test_diagnose_gives_the_verdict_the_exact_kl_implies(target, trained):
