@@ -214,3 +214,23 @@ class LanguageModel:
         if name is not None:
             other.name = name
         return other
+
+    def with_tokenizer(self, tokenizer: Tokenizer | None, name: str | None = None) -> LanguageModel:
+        """A copy of this model (same network and parameters) with another tokenizer.
+
+        E.g. a base model given its instruct model's tokenizer, so that both stop at the
+        instruct model's end-of-turn token (``eos_token_id`` follows the tokenizer) and
+        ``lmppl.realign`` accepts the pair. The tokenizer must not have more tokens than
+        the model.
+        """
+        size = getattr(tokenizer, "vocab_size", 0) if tokenizer is not None else 0
+        if size > self.vocab_size:
+            raise ValueError(
+                f"a tokenizer of {size} tokens for {self.name}, a model of {self.vocab_size}"
+            )
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.tokenizer = tokenizer
+        if name is not None:
+            other.name = name
+        return other
