@@ -105,7 +105,10 @@ def exact_pool(task, count: int, rng_key, out: Path, suffix: str):
         have = (stored["samples"], int(stored["draws"]))
         if len(have[0]) >= count:
             return lmppl.evaluation.ExactSamples(
-                have[0][:count], task.site, num_draws=have[1], acceptance_rate=len(have[0]) / have[1]
+                have[0][:count],
+                task.site,
+                num_draws=have[1],
+                acceptance_rate=len(have[0]) / have[1],
             )
     start = 0 if have is None else len(have[0])
     bar = tqdm(total=count - start, desc=f"{task.name}: exact samples", leave=False)

@@ -203,9 +203,7 @@ def _exact_positives(options, task) -> dict:
     if options.positives == 0 or options.method not in POSITIVE_METHODS:
         return {}
     if task.exact is None or task.conditional:
-        _print(
-            "positives: from the training batch (the task has no unconditional exact sampler)"
-        )
+        _print("positives: from the training batch (the task has no unconditional exact sampler)")
         return {}
     start = time.perf_counter()
     key = jax.random.fold_in(_key(options.seed), 8)
