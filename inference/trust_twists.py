@@ -70,7 +70,10 @@ def reference_log_z(task, draws: int, rng_key, batch: int = 4096, chunk: int = 8
 
 
 def train(task, recipe: str, options, rng_key, validation, positives):
-    twist = lmppl.twists.MLPTwist(task.lm, hidden_size=options.hidden, seed=options.seed)
+    if options.twist == "transformer":
+        twist = lmppl.twists.TransformerTwist(task.lm)
+    else:
+        twist = lmppl.twists.MLPTwist(task.lm, hidden_size=options.hidden, seed=options.seed)
     extra = dict(RECIPES[recipe])
     if recipe != "old":
         extra.update(eval_every=options.eval_every, exact_samples=validation)
@@ -158,6 +161,12 @@ def main(argv=None) -> int:
     parser.add_argument("--particles", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument(
+        "--twist",
+        choices=("mlp", "transformer"),
+        default="mlp",
+        help="MLP head on the frozen LM (width --hidden) or a trainable copy of its body",
+    )
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--K", type=int, default=256)
     parser.add_argument("--runs", type=int, default=20)
@@ -217,6 +226,7 @@ def main(argv=None) -> int:
             record = {
                 "task": name,
                 "recipe": recipe,
+                "twist": options.twist,
                 "reference": log_z,
                 "reference_se": log_z_error,
                 "reference_draws": draws,
@@ -254,20 +264,27 @@ def write(rows, options, command: str) -> None:
         "",
         f"`{command}`",
         "",
-        f"MLP twist (width {options.hidden}), CTL, {options.steps} Adam steps at lr "
+        (
+            f"MLP twist (width {options.hidden})"
+            if options.twist == "mlp"
+            else "TransformerTwist (a trainable copy of the LM body)"
+        )
+        + f", CTL, {options.steps} Adam steps at lr "
         f"{options.lr}, N = {options.particles}; twisted SMC with K = {options.K}, "
         f"{options.runs} runs per bound (95% intervals); upper bounds from conditional SMC on "
         'exact samples (rejection). `old`: SIS positives (`batch="proposal"`), last '
         'parameters. `default`: `fit`\'s defaults (`batch="mixture"`) with '
-        f"`eval_every={options.eval_every}` (best evaluated parameters).",
+        f"`eval_every={options.eval_every}` (best evaluated parameters). `exact`: the default "
+        f"with {options.positives} exact positives (`target_sampler=pool_sampler(...)`); the "
+        "evaluations during training use separate exact samples from the final upper bounds.",
         "",
-        "| task | recipe | IS reference log Z | lower (K) | upper (K) | lower − ref | gap "
+        "| task | recipe | twist | IS reference log Z | lower (K) | upper (K) | lower − ref | gap "
         "| train ESS/N | warned |",
-        "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['task']} | {r['recipe']} | {r['reference']:.3f} ± {r['reference_se']:.3f} "
+            f"| {r['task']} | {r['recipe']} | {r['twist']} | {r['reference']:.3f} ± {r['reference_se']:.3f} "
             f"| {r['lower']:.3f} ± {r['lower_ci']:.3f} | {r['upper']:.3f} ± {r['upper_ci']:.3f} "
             f"| {r['lower_minus_reference']:+.3f} | {r['gap']:.3f} | {r['train_ess_last']:.2f} "
             f"| {'yes' if r['warned'] else 'no'} |"
@@ -308,7 +325,11 @@ def plot(rows, path: Path, k: int) -> None:
                 color="C3",
                 label="upper (conditional SMC)" if x == 0 else None,
             )
-        axis.set_xticks(range(len(mine)), [r["recipe"] for r in mine])
+        labels = [
+            r["recipe"] if r.get("twist", "mlp") == "mlp" else f"{r['recipe']}\n({r['twist']})"
+            for r in mine
+        ]
+        axis.set_xticks(range(len(mine)), labels)
         axis.set_xlim(-0.6, len(mine) - 0.4)
         axis.set_title(f"{task} (K = {k})", fontsize=10)
         axis.set_ylabel("log Z")
