@@ -49,6 +49,7 @@ __all__ = [
     "regex",
     "step_factor",
     "step_log_factors",
+    "step_log_weight_rows",
     "text",
     "text_classifier",
     "threshold",
@@ -246,6 +247,24 @@ def step_log_factors(
 
     _, values = jax.lax.scan(at, potential.init(), positions)
     return jnp.where(valid_mask(sequence, eos_token_id), values, 0.0)
+
+
+def step_log_weight_rows(
+    potential: Any, sequence: jax.Array, eos_token_id: int | None
+) -> jax.Array:
+    """``[T, V]`` ``log m_t(state_t, s_<t, v)`` of every candidate ``v`` at every step of one
+    sequence ``[T]`` (teacher-forced: the state advanced by the sequence's own tokens, as
+    :func:`step_log_factors`, whose values are these rows taken at ``s_t``); rows after
+    the first EOS are 0 (padding is not scored)."""
+    positions = jnp.arange(sequence.shape[-1])
+
+    def at(state, t):
+        prefix = jnp.where(positions < t, sequence, 0)
+        log_weights = potential.log_weights(state, prefix, t)
+        return potential.update(state, sequence[t], t), log_weights
+
+    _, rows = jax.lax.scan(at, potential.init(), positions)
+    return jnp.where(valid_mask(sequence, eos_token_id)[:, None], rows, 0.0)
 
 
 def _step_site(

@@ -30,6 +30,7 @@ from lmppl.infer.arguments import split_arguments
 from lmppl.infer.program import (
     ProgramError,
     ProgramStructure,
+    combined_step_potential,
     discover,
     prefix_supports,
     run_prefix_given,
@@ -86,23 +87,6 @@ class ExactTwist:
         for token in prefix:
             code = code * self.vocab_size + int(token)
         return float(self.log_psi[len(prefix) - 1][code])
-
-
-class _CombinedStepPotentials:
-    """A program's per-step potentials (no prefix latents) as one stateful potential:
-    ``log m_t = Σ_i log m_t^i``, the state the tuple of theirs."""
-
-    def __init__(self, functions: Any):
-        self.functions = functions
-
-    def init(self) -> tuple:
-        return self.functions.init({})
-
-    def log_weights(self, state: tuple, prefix: jax.Array, t: jax.Array) -> jax.Array:
-        return sum(self.functions.log_weights({}, state, prefix, t))
-
-    def update(self, state: tuple, token: jax.Array, t: jax.Array) -> tuple:
-        return self.functions.update({}, state, token, t)
 
 
 class Exact:
@@ -241,7 +225,7 @@ class Exact:
             structure, self.program, args, kwargs, structure.model_params()
         )
         assert functions is not None, "the structure has step potentials"
-        combined = _CombinedStepPotentials(functions)
+        combined = combined_step_potential(functions)
         eos = structure.lm_site.eos_token_id
         factors = jax.jit(jax.vmap(lambda row: step_log_factors(combined, row, eos)))
         return np.asarray(factors(jnp.asarray(sequences)))

@@ -46,6 +46,7 @@ __all__ = [
     "StepPotential",
     "StepPotentialFunctions",
     "check_proposal",
+    "combined_step_potential",
     "discover",
     "observed_lm_prompts",
     "per_particle_prompt",
@@ -743,3 +744,27 @@ def step_potential_functions(
         )
 
     return StepPotentialFunctions(init, log_weights, update)
+
+
+class _CombinedStepPotential:
+    """Per-step potentials (no prefix latents) as one stateful potential:
+    ``log m_t = Σ_i log m_t^i``, the state the tuple of theirs."""
+
+    def __init__(self, functions: StepPotentialFunctions):
+        self.functions = functions
+
+    def init(self) -> tuple:
+        return self.functions.init({})
+
+    def log_weights(self, state: tuple, prefix: jax.Array, t: jax.Array) -> jax.Array:
+        return sum(self.functions.log_weights({}, state, prefix, t))
+
+    def update(self, state: tuple, token: jax.Array, t: jax.Array) -> tuple:
+        return self.functions.update({}, state, token, t)
+
+
+def combined_step_potential(functions: StepPotentialFunctions) -> Any:
+    """A program's per-step potentials (from :func:`step_potential_functions`, for a program
+    without latent sites before the LM site) as one
+    :class:`~lmppl.types.StatefulStepPotential` whose ``log m_t`` is their sum."""
+    return _CombinedStepPotential(functions)

@@ -5,14 +5,26 @@ p0 rollouts, or exact target samples), then evaluates the twist on them in one
 teacher-forced pass that the gradient flows through. For sequences ``s`` ``[N, T]``:
 
 * ``log_p0[:, t, v] = log p0(v | s_<t+1)`` — the frozen base LM, one pass;
-* ``log_psi[:, t, v] = log ψ_{t+1}(s_1:t, v)`` — the twist at every step (``apply_sequence``).
+* ``log_psi[:, t, v] = log ψ_{t+1}(s_1:t, v)`` — the twist at every step (``apply_sequence``);
+* ``log_step[:, t, v] = Σ_k log m^k_{t+1}(s_1:t, v)`` — the program's per-step potentials
+  (banned tokens, automata, grammars) teacher-forced through their states
+  (:func:`step_log_weights`), or None for a program without any.
+
+With per-step potentials the sweep proposes ``q_t ∝ p0 · m_t · ψ_t`` (``q0_t ∝ p0 · m_t``
+untwisted) and its intermediate targets are ``π_t ∝ p0(s_1:t) Π_{k≤t} m_k ψ_t``: every
+density below reads ``log p0 + log m`` (:meth:`Samples.log_base_logits`) where a program
+without them reads ``log p0``.
 
 From these, with EOS rows padded (positions after the first EOS carry no token, and
 keep the twist value of their last real prefix, as in the sweep):
 
 * ``log ψ_t(s_1:t)`` (:meth:`Samples.log_psi_tokens`),
-* ``log q(s_t | s_<t) = log softmax(log p0 + log ψ)[s_t]`` (:meth:`Samples.log_q_tokens`),
-* ``log Σ_v p0(v | s_1:t) ψ_{t+1}(s_1:t, v)`` (:meth:`Samples.log_next_normalizer`).
+* ``log q(s_t | s_<t) = log softmax(log p0 + log m + log ψ)[s_t]`` (:meth:`Samples.log_q_tokens`),
+* ``log q0(s_t | s_<t) = log softmax(log p0 + log m)[s_t]``, the untwisted sweep's
+  proposal (:meth:`Samples.log_base_q_tokens`; ``log p0`` without step potentials),
+* ``log p0(s_t | s_<t) + log m_t(s_t)``, the unnormalised target's factor
+  (:meth:`Samples.log_target_tokens`),
+* ``log Σ_v p0(v | s_1:t) m_{t+1}(v) ψ_{t+1}(s_1:t, v)`` (:meth:`Samples.log_next_normalizer`).
 """
 
 from __future__ import annotations
@@ -24,9 +36,11 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from lmppl.decoding import force_rows, next_token_log_weights, valid_mask
+from lmppl.infer.program import StepPotentialFunctions, combined_step_potential
 from lmppl.infer.twist import TwistInputs
+from lmppl.potentials import step_log_weight_rows
 
-__all__ = ["BasePass", "Samples", "base_pass", "twist_sequence"]
+__all__ = ["BasePass", "Samples", "base_pass", "step_log_weights", "twist_sequence"]
 
 
 class BasePass(NamedTuple):
@@ -55,6 +69,8 @@ class Samples(NamedTuple):
         ``log p0(s_1:t) ψ_t(s_1:t) / q(s_1:t)`` (zeros where not SIS).
       log_p0, valid: from :class:`BasePass`.
       log_psi: ``[N, T, V]`` twist values (a function of the twist parameters).
+      log_step: ``[N, T, V]`` ``Σ_k log m^k_t`` of every candidate token (0 after EOS), or
+        None: the program has no per-step potentials.
     """
 
     tokens: jax.Array
@@ -64,6 +80,7 @@ class Samples(NamedTuple):
     log_p0: jax.Array
     valid: jax.Array
     log_psi: jax.Array
+    log_step: jax.Array | None = None
 
     def _take(self, values: jax.Array) -> jax.Array:
         return jnp.take_along_axis(values, self.tokens[..., None], axis=-1)[..., 0]
@@ -75,18 +92,36 @@ class Samples(NamedTuple):
         last = jax.lax.cummax(jnp.where(self.valid, jnp.arange(steps)[None, :], 0), axis=1)
         return jnp.take_along_axis(taken, last, axis=1)
 
+    def log_base_logits(self) -> jax.Array:
+        """``[N, T, V]`` ``log p0(v | s_<t) + log m_t(v)`` (``log_p0`` without step potentials)."""
+        return self.log_p0 if self.log_step is None else self.log_p0 + self.log_step
+
     def log_q_tokens(self) -> jax.Array:
-        """``[N, T]`` ``log q(s_t | s_<t)`` of the twist-induced proposal (0 after EOS)."""
-        log_q = jax.nn.log_softmax(self.log_p0 + self.log_psi, axis=-1)
+        """``[N, T]`` ``log q(s_t | s_<t)`` of the twist-induced proposal ``∝ p0 m ψ`` (0
+        after EOS)."""
+        log_q = jax.nn.log_softmax(self.log_base_logits() + self.log_psi, axis=-1)
         return jnp.where(self.valid, self._take(log_q), 0.0)
 
     def log_p0_tokens(self) -> jax.Array:
         """``[N, T]`` ``log p0(s_t | s_<t)`` (0 after EOS)."""
         return jnp.where(self.valid, self._take(self.log_p0), 0.0)
 
+    def log_target_tokens(self) -> jax.Array:
+        """``[N, T]`` ``log p0(s_t | s_<t) + log m_t(s_t)`` (0 after EOS): summed up to t,
+        the untwisted part of the unnormalised π_t."""
+        return jnp.where(self.valid, self._take(self.log_base_logits()), 0.0)
+
+    def log_base_q_tokens(self) -> jax.Array:
+        """``[N, T]`` ``log q0(s_t | s_<t)`` of the untwisted sweep's proposal ``∝ p0 m``
+        (0 after EOS); :meth:`log_p0_tokens` without step potentials."""
+        if self.log_step is None:
+            return self.log_p0_tokens()
+        log_q0 = jax.nn.log_softmax(self.log_base_logits(), axis=-1)
+        return jnp.where(self.valid, self._take(log_q0), 0.0)
+
     def log_next_normalizer(self) -> jax.Array:
-        """``[N, T]``: entry t is ``log Σ_v p0(v | s_<t) ψ_t(s_<t, v)`` (t = 1..T)."""
-        return logsumexp(self.log_p0 + self.log_psi, axis=-1)
+        """``[N, T]``: entry t is ``log Σ_v p0(v | s_<t) m_t(v) ψ_t(s_<t, v)`` (t = 1..T)."""
+        return logsumexp(self.log_base_logits() + self.log_psi, axis=-1)
 
     def last_valid(self) -> jax.Array:
         """``[N, T]`` bool: the position is the sequence's last real token (EOS or T)."""
@@ -135,3 +170,15 @@ def twist_sequence(
 
         out = jnp.moveaxis(jax.vmap(one)(jnp.arange(tokens.shape[1])), 0, 1)
     return out.astype(jnp.float32)
+
+
+def step_log_weights(
+    functions: StepPotentialFunctions, tokens: jax.Array, eos_token_id: int | None
+) -> jax.Array:
+    """``[N, T, V]`` ``Σ_k log m^k_t(s_<t, v)`` along ``tokens`` ``[N, T]``: the program's
+    per-step potentials (from :func:`~lmppl.infer.program.step_potential_functions`, no
+    prefix latents) teacher-forced through their states as the sweep advances them; 0
+    after the first EOS."""
+    potential = combined_step_potential(functions)
+    rows = jax.vmap(lambda row: step_log_weight_rows(potential, row, eos_token_id))(tokens)
+    return jax.lax.stop_gradient(rows.astype(jnp.float32))

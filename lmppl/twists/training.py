@@ -41,14 +41,19 @@ import optax
 
 from lmppl.host_errors import reraising
 from lmppl.infer.arguments import split_arguments
-from lmppl.infer.program import ProgramError, discover, per_particle_prompt
+from lmppl.infer.program import (
+    ProgramError,
+    discover,
+    per_particle_prompt,
+    step_potential_functions,
+)
 from lmppl.infer.resampling import effective_sample_size
 from lmppl.infer.sweep import SweepOptions, build_sweep
 from lmppl.training.loop import TrainingDiverged, run_training
 from lmppl.twists.losses import TwistLoss, get_loss
 from lmppl.twists.mixture import defensive_mixture
 from lmppl.twists.monitor import BoundsMonitor, TwistGapWarning
-from lmppl.twists.samples import Samples, base_pass, twist_sequence
+from lmppl.twists.samples import Samples, base_pass, step_log_weights, twist_sequence
 
 __all__ = [
     "BATCHES",
@@ -69,6 +74,11 @@ BLOW_UP = 1e4
 BATCHES = ("mixture", "proposal")
 #: The losses whose σ / π_t expectations use the (pooled) importance-weighted batch.
 MIXTURE_LOSSES = ("ctl", "sixo", "dpg")
+#: The losses exact with per-step potentials m_t: every density they read is the sweep's,
+#: ``p0 m ψ`` (CTL, RL's soft-Bellman targets, DPG's q); SIXO's p0-rollout negatives and
+#: FUDGE's labels of p0 rollouts estimate a ratio to p0, which the untwisted sweep's
+#: rollouts (drawn from ``q0 ∝ p0 m``) do not sample.
+STEP_POTENTIAL_LOSSES = ("ctl", "rl", "dpg")
 #: What ``fit(eval_every=...)`` records (as ``bound_<name>``).
 BOUND_NAMES = ("lower", "lower_error", "upper", "upper_error", "gap")
 
@@ -87,6 +97,31 @@ class StepArguments(NamedTuple):
     args: tuple
     kwargs: dict | None = None
     targets: Any = None
+
+
+def _check_step_potentials(structure: Any, loss: TwistLoss, mixture: bool) -> bool:
+    """Whether the step needs the per-step potentials' ``log m_t`` along the sampled
+    sequences (``Samples.log_step``); a one-line :class:`ProgramError` for the losses and
+    programs that cannot train exactly with them."""
+    if not structure.step_potentials:
+        return False
+    names = ", ".join(s.name for s in structure.step_potentials)
+    if loss.name not in STEP_POTENTIAL_LOSSES:
+        raise ProgramError(
+            f"twist training with per-step potentials ({names}) does not support method="
+            f"'{loss.name}': its p0-rollout negatives or labels target ψ relative to p0, but "
+            "the untwisted sweep draws from p0·m_t normalised per step; use method='ctl', "
+            "'rl' or 'dpg'"
+        )
+    needed = mixture or loss.name != "ctl"  # CTL on the SIS batch reads only the weights
+    if needed and structure.prefix_sites:
+        raise ProgramError(
+            f"twist training with per-step potentials ({names}) and latent sites before the "
+            f"LM site ({', '.join(structure.prefix_sites)}) supports method='ctl' with "
+            f"batch='proposal' only; got method='{loss.name}', "
+            f"batch='{'mixture' if mixture else 'proposal'}'"
+        )
+    return needed
 
 
 def build_train_step(
@@ -118,16 +153,7 @@ def build_train_step(
         raise ValueError(f"batch must be one of {BATCHES}, got {batch!r}")
     mixture = batch == "mixture" and loss.name in MIXTURE_LOSSES
     needs_base = "base" in loss.needs or mixture
-    if structure.step_potentials and (loss.name != "ctl" or needs_base):
-        # CTL on the SIS batch reads only the sweep's weights, which already include the
-        # step factors m_t (the proposal is ∝ p0 m_t ψ_t, π_t ∝ p0 Π_{k≤t} m_k ψ_t); the
-        # other losses and the p0 mixture use p0's and ψ's densities without them.
-        raise ProgramError(
-            "twist training with per-step potentials ("
-            + ", ".join(s.name for s in structure.step_potentials)
-            + f") supports method='ctl' with batch='proposal' only; got method="
-            f"'{loss.name}', batch='{batch}'"
-        )
+    step_factors = _check_step_potentials(structure, loss, mixture)
     proposal_sweep = build_sweep(
         structure,
         program,
@@ -174,6 +200,15 @@ def build_train_step(
                 tokens = jnp.asarray(target_sampler(target_key, num_particles), jnp.int32)
             zeros = jnp.zeros((tokens.shape[0],), jnp.float32)
             drawn["target"] = (tokens, zeros, zeros, jnp.zeros(tokens.shape[::-1], jnp.float32))
+        step_logs: dict[str, Any] = dict.fromkeys(drawn)
+        if step_factors:  # log m_t of every candidate, the potentials' states teacher-forced
+            functions = step_potential_functions(
+                structure, program, call_args, call_kwargs, model_params
+            )
+            step_logs = {
+                kind: step_log_weights(functions, d[0], site.eos_token_id)
+                for kind, d in drawn.items()
+            }
         passes = {
             kind: base_pass(
                 model,
@@ -201,6 +236,7 @@ def build_train_step(
                     passes[kind].log_p0,
                     passes[kind].valid,
                     log_psi,
+                    step_logs[kind],
                 )
             if mixture:
                 samples["proposal"] = defensive_mixture(samples["proposal"], samples["base"])
@@ -290,7 +326,11 @@ def fit(
         weights both by the balance heuristic (:mod:`lmppl.twists.mixture`), so modes of
         σ that the proposal misses are still seen through p0; ``"proposal"`` is the SIS
         batch alone (the paper's recipe; it can drop modes of σ and then return a twist
-        whose log Ẑ is precise and wrong).
+        whose log Ẑ is precise and wrong). With per-step potentials m_t (``banned_tokens``,
+        ``constrain``, grammars) both batches are exact for CTL, RL and DPG: the rollouts
+        are the untwisted sweep's (``q0 ∝ p0 m_t`` per step) and every weight reads
+        ``p0 Π m``; SIXO and FUDGE are refused there (as is a mixture batch, or RL / DPG,
+        for a program with latent sites before the LM site).
       eval_every: evaluate the twist every ``eval_every`` steps and after the last one:
         the twisted-SMC lower bound on log Z at K = ``eval_particles`` and, with
         ``exact_samples``, the conditional-SMC upper bound (``eval_runs`` runs each;

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import lmppl
-from lmppl.infer.program import discover, run_prefix
-from lmppl.twists.samples import Samples, base_pass, twist_sequence
+from lmppl.infer.program import discover, run_prefix, step_potential_functions
+from lmppl.twists.samples import Samples, base_pass, step_log_weights, twist_sequence
 from tests.fixtures import classifier_c_not_a, short, small_lm
 
 LM = small_lm()  # vocab 5: <s> </s> a b c
@@ -19,7 +19,8 @@ TARGETS = {"classifier": (classifier, ()), "short": (short, ())}
 
 
 def enumerate_samples(program, args, twist, params, condition=None) -> Samples:
-    """Every sequence of the support with ``log_weights = log σ̃`` and the twist's values."""
+    """Every sequence of the support with ``log_weights = log σ̃`` and the twist's values
+    (with per-step potentials, ``log_step`` too: ``log_q`` is then the sweep's ``∝ p0 m ψ``)."""
     exact = lmppl.infer.Exact(program).run(None, *args)
     tokens = jnp.asarray(exact.samples["s"])
     structure = discover(program, args, {})
@@ -32,6 +33,10 @@ def enumerate_samples(program, args, twist, params, condition=None) -> Samples:
     base = base_pass(site.model, lm_params, prompt, length, tokens, 1.0, site.eos_token_id)
     log_psi = twist_sequence(twist, params, base, tokens, condition, prompt, length)
     zeros = jnp.zeros(tokens.shape[::-1])
+    log_step = None
+    if structure.step_potentials:
+        functions = step_potential_functions(structure, program, args, {}, model_params)
+        log_step = step_log_weights(functions, tokens, site.eos_token_id)
     return Samples(
         tokens,
         jnp.asarray(exact.log_potential),
@@ -40,6 +45,7 @@ def enumerate_samples(program, args, twist, params, condition=None) -> Samples:
         base.log_p0,
         base.valid,
         log_psi,
+        log_step,
     )
 
 
