@@ -5,12 +5,18 @@ For each task the script computes
 
 * a reference for log Z from plain importance sampling with p0 (``--reference-draws``
   draws, ≥ 300k by default; its standard error by the delta method over batches of 4096);
-* exact samples of σ by rejection (``Task.exact_samples``);
+* exact samples of σ by rejection (``Task.exact_samples``), cached in ``--out`` and split into
+  ``--exact`` held out for the final upper bounds, ``--validation`` for the evaluations
+  during training and ``--positives``;
 * for each recipe an MLP twist trained with CTL (``lmppl.twists.fit``):
   ``old``: ``batch="proposal"`` (positives and negatives from the SIS batch of the twisted
   proposal, the last parameters); ``default``: ``batch="mixture"`` (p0 rollouts pooled
   into the batch with balance-heuristic weights) and ``eval_every`` (the bounds measured
-  during training, the best evaluated parameters kept);
+  during training on ``--validation`` exact samples, the best evaluated parameters kept);
+  ``exact``: the default with ``--positives`` exact samples of σ as CTL's positives
+  (``target_sampler=lmppl.twists.pool_sampler(...)``);
+* ``--twist transformer``: a trainable copy of the LM body (``TransformerTwist``) instead of
+  the MLP head on the frozen LM;
 * twisted SMC with K particles (resampling every step): the lower bound E[log Ẑ_K] and the
   conditional-SMC upper bound on the exact samples (``lmppl.evaluation.log_z_bounds``),
   ``--runs`` runs each, with 95% intervals.

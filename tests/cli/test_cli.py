@@ -269,7 +269,7 @@ def test_train_twist_writes_a_checkpoint_and_history(trained):
     # evaluated every 6 // 5 = 1 step against exact (enumerated) samples; the best is kept
     bounds = info["metadata"]["bounds"]
     assert bounds["K"] == 64 and 1 <= bounds["step"] <= 6 and info["metadata"]["batch"] == "mixture"
-    assert info["metadata"]["exact_positives"] == 256  # enumerable: exact positives by default
+    assert info["metadata"]["exact_positives"] == 0  # positives from the mixture batch by default
     assert bounds["lower"] <= bounds["upper"] + 0.2 and np.isfinite(bounds["gap"])
     assert len(info["history"]["bound_gap"]) == 6
     with open(trained / "history.csv") as handle:
@@ -487,9 +487,9 @@ def test_main_job_runs_end_to_end_at_a_small_size(capsys, tmp_path):
 def test_train_twist_checkpoints_and_resumes(capsys, tmp_path):
     common = ["train-twist", f"{TINY}:TASK", "--method", "ctl", "--hidden-size", "4"]
     common += ["--particles", "4", "--eval-every", "0", "--out", str(tmp_path)]
-    code, out, err = run(capsys, *common, "--steps", 4, "--checkpoint-every", 2)
+    code, out, err = run(capsys, *common, "--steps", 4, "--checkpoint-every", 2, "--positives", 32)
     assert code == 0, err
-    assert "positives: 256 exact samples of σ by enumerate" in out
+    assert "positives: 32 exact samples of σ by enumerate" in out
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.npz")) == [
         "step_0000002.npz",
         "step_0000004.npz",
@@ -497,12 +497,12 @@ def test_train_twist_checkpoints_and_resumes(capsys, tmp_path):
     code, _, err = run(capsys, *common, "--steps", 6)
     assert code == 2
     assert_one_line_error(err, "holds checkpoints of an earlier run: pass --resume")
-    code, out, err = run(capsys, *common, "--steps", 6, "--resume", "--positives", 0)
+    code, out, err = run(capsys, *common, "--steps", 6, "--resume", "--positives", 32)
     assert code == 0, err
-    assert "resuming from" in out and "step_0000004.npz" in out and "positives:" not in out
+    assert "resuming from" in out and "step_0000004.npz" in out
     info = lmppl.twists.read_twist_info(tmp_path / "twist.npz")
     assert info["history"]["step"] == [1, 2, 3, 4, 5, 6]
-    assert info["metadata"]["exact_positives"] == 0
+    assert info["metadata"]["exact_positives"] == 32
 
 
 def test_unwritable_out_fails_before_any_compute(capsys, tmp_path):
