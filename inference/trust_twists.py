@@ -178,8 +178,18 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPOSITORY / "inference/results/trust")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="CSV",
+        help="no runs: draw the rows of earlier runs' trust.csv files in one figure "
+        "(--out/trust.png; the recipe label gets the run's folder name)",
+    )
     options = parser.parse_args(argv)
     options.out.mkdir(parents=True, exist_ok=True)
+    if options.combine:
+        return combine(options.combine, options.out / "trust.png")
     command = "python inference/trust_twists.py " + shlex.join(argv or sys.argv[1:])
     key = jax.random.key(options.seed)
     rows = []
@@ -257,6 +267,27 @@ def main(argv=None) -> int:
                 flush=True,
             )
             write(rows, options, command)
+    return 0
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def combine(paths: list[Path], figure: Path) -> int:
+    """One figure from several runs' ``trust.csv`` (e.g. different twists or steps)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                numbers = {k: _number(v) for k, v in row.items()}
+                label = f"{row['recipe']}\n{path.parent.name}"
+                rows.append({**row, **numbers, "recipe": label, "twist": "mlp"})  # label says it
+    plot(rows, figure, int(rows[0]["K"]))
+    print(f"wrote {figure} ({len(rows)} rows)")
     return 0
 
 

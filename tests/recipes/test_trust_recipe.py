@@ -32,3 +32,6 @@ def test_trust_recipe_writes_table_and_figure(tmp_path):
     (pool,) = tmp_path.glob("exact_infilling_fixed*.npz")
     with np.load(pool) as stored:
         assert len(stored["samples"]) == 8  # 2 held out + 2 validation + 4 positives
+    combined = tmp_path / "combined"
+    assert recipe.main(["--combine", str(tmp_path / "trust.csv"), "--out", str(combined)]) == 0
+    assert (combined / "trust.png").stat().st_size > 0
