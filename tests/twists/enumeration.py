@@ -6,11 +6,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import lmppl
 from lmppl.infer.program import discover, run_prefix, step_potential_functions
+from lmppl.twists.losses import get_loss
 from lmppl.twists.samples import Samples, base_pass, step_log_weights, twist_sequence
+from lmppl.twists.training import build_train_step
 from tests.fixtures import classifier_c_not_a, short, small_lm
+from tests.statistical import mean_and_standard_error
 
 LM = small_lm()  # vocab 5: <s> </s> a b c
 classifier = classifier_c_not_a  # φ = sigmoid(1.5·#c − 0.5·#a − 1): FUDGE applies
@@ -64,3 +68,30 @@ def kl_divergences(program, args, twist, condition=None) -> tuple[float, float]:
     lq = np.asarray(log_q(samples), np.float64)
     sigma, q = np.exp(log_sigma), np.exp(lq)
     return float(np.sum(sigma * (log_sigma - lq))), float(np.sum(q * (lq - log_sigma)))
+
+
+def estimated_gradients(program, args, twist, method, num_particles, num_runs, **options):
+    """``[R, D]``: ``num_runs`` independent training-step gradient estimates of ``method``'s
+    loss at ``twist.params`` (flattened; ``options`` go to ``build_train_step``)."""
+    step, model_params, arrays = build_train_step(
+        program, twist, get_loss(method), optax.identity(), num_particles, args, {}, **options
+    )
+    params = twist.params
+    opt_state = optax.identity().init(params)
+
+    def gradient(key):
+        new_params, _, _ = step(params, opt_state, key, model_params, arrays)
+        return jnp.concatenate([(n - p).ravel() for n, p in zip(new_params, params, strict=True)])
+
+    keys = jax.random.split(jax.random.key(11), num_runs)
+    return np.asarray(jax.lax.map(gradient, keys, batch_size=64), np.float64)
+
+
+def projected_gradients(estimates, exact_grad, num_directions: int = 4):
+    """``(mean, standard error, exact)`` of the estimates projected on the exact gradient's
+    direction and on ``num_directions − 1`` random ones."""
+    directions = np.random.default_rng(0).normal(size=(num_directions, exact_grad.size))
+    directions[0] = exact_grad / np.linalg.norm(exact_grad)
+    projected = estimates @ directions.T  # [R, directions]
+    mean, error = mean_and_standard_error(projected)
+    return mean, error, directions @ exact_grad

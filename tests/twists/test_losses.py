@@ -4,14 +4,19 @@ its stated objective, computed by enumeration of every sequence."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lmppl
-from lmppl.twists.losses import get_loss, log1mexp
-from lmppl.twists.training import build_train_step
-from tests.statistical import assert_within_standard_errors, mean_and_standard_error
-from tests.twists.enumeration import TARGETS, enumerate_samples, log_p0, log_q
+from lmppl.twists.losses import log1mexp
+from tests.statistical import assert_within_standard_errors
+from tests.twists.enumeration import (
+    TARGETS,
+    enumerate_samples,
+    estimated_gradients,
+    log_p0,
+    log_q,
+    projected_gradients,
+)
 
 NUM_PARTICLES = 256
 NUM_RUNS = 256
@@ -82,37 +87,18 @@ def test_gradient_estimate_matches_exact_gradient(method, target, exact_positive
     program, args = TARGETS[target]
     twist = random_twist(method, program, args)
     sampler = exact_sampler(program, args) if exact_positives else None
-    step, model_params, arrays = build_train_step(
-        program,
-        twist,
-        get_loss(method),
-        optax.identity(),
-        NUM_PARTICLES,
-        args,
-        {},
-        target_sampler=sampler,
+    estimates = estimated_gradients(
+        program, args, twist, method, NUM_PARTICLES, NUM_RUNS, target_sampler=sampler
     )
     params = twist.params
-    opt_state = optax.identity().init(params)
-
-    def gradient(key):
-        new_params, _, _ = step(params, opt_state, key, model_params, arrays)
-        return jnp.concatenate([(n - p).ravel() for n, p in zip(new_params, params, strict=True)])
-
-    keys = jax.random.split(jax.random.key(11), NUM_RUNS)
-    estimates = np.asarray(jax.lax.map(gradient, keys, batch_size=64), np.float64)  # [R, D]
     frozen = jax.lax.stop_gradient(params)
     exact_grad = jax.grad(lambda p: exact_objective(method, program, args, twist, p, frozen))(
         params
     )
     exact_grad = np.concatenate([np.asarray(g).ravel() for g in exact_grad]).astype(np.float64)
     assert np.linalg.norm(exact_grad) > 1e-3
-    directions = np.random.default_rng(0).normal(size=(4, exact_grad.size))
-    directions[0] = exact_grad / np.linalg.norm(exact_grad)
-    projected = estimates @ directions.T  # [R, 4]
-    assert projected.shape[0] == NUM_RUNS
-    mean, error = mean_and_standard_error(projected)
-    expected = directions @ exact_grad
+    mean, error, expected = projected_gradients(estimates, exact_grad)
+    assert estimates.shape[0] == NUM_RUNS
     z = (mean - expected) / error
     print(
         method,

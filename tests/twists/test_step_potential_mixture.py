@@ -13,18 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
 import pytest
 
 import lmppl
 from lmppl import potentials
 from lmppl.infer.program import ProgramError
-from lmppl.twists.losses import get_loss
 from lmppl.twists.mixture import defensive_mixture
-from lmppl.twists.training import build_train_step
 from tests.fixtures import SMALL_LM, banned, table_lm
-from tests.statistical import assert_within_standard_errors, mean_and_standard_error
-from tests.twists.enumeration import enumerate_samples, log_q
+from tests.statistical import assert_within_standard_errors
+from tests.twists.enumeration import (
+    enumerate_samples,
+    estimated_gradients,
+    log_q,
+    projected_gradients,
+)
 
 REGEX_LM = table_lm(("a", "b", "ab"), context_length=12, seed=4, scale=1.2)  # <s> </s> a b ab
 AUTOMATON = potentials.regex("(ab|b)+a?", REGEX_LM)
@@ -150,34 +152,15 @@ def test_gradient_estimate_matches_exact_gradient(method, target, batch):
     directions, agrees with the exact one within 4 Monte Carlo standard errors."""
     program = PROGRAMS[target]
     twist = random_twist(program)
-    step, model_params, arrays = build_train_step(
-        program,
-        twist,
-        get_loss(method),
-        optax.identity(),
-        NUM_PARTICLES,
-        (),
-        {},
-        batch=batch,
+    estimates = estimated_gradients(
+        program, (), twist, method, NUM_PARTICLES, NUM_RUNS, batch=batch
     )
     params = twist.params
-    opt_state = optax.identity().init(params)
-
-    def gradient(key):
-        new_params, _, _ = step(params, opt_state, key, model_params, arrays)
-        return jnp.concatenate([(n - p).ravel() for n, p in zip(new_params, params, strict=True)])
-
-    keys = jax.random.split(jax.random.key(11), NUM_RUNS)
-    estimates = np.asarray(jax.lax.map(gradient, keys, batch_size=64), np.float64)  # [R, D]
     frozen = jax.lax.stop_gradient(params)
     exact_grad = jax.grad(lambda p: exact_objective(method, program, twist, p, frozen))(params)
     exact_grad = np.concatenate([np.asarray(g).ravel() for g in exact_grad]).astype(np.float64)
     assert np.all(np.isfinite(exact_grad)) and np.linalg.norm(exact_grad) > 1e-3
-    directions = np.random.default_rng(0).normal(size=(4, exact_grad.size))
-    directions[0] = exact_grad / np.linalg.norm(exact_grad)
-    projected = estimates @ directions.T  # [R, 4]
-    mean, error = mean_and_standard_error(projected)
-    expected = directions @ exact_grad
+    mean, error, expected = projected_gradients(estimates, exact_grad)
     print(method, target, batch, "z =", np.round((mean - expected) / error, 2))
     assert_within_standard_errors(mean, expected, k=4, standard_error=error)
     assert abs(mean[0] - expected[0]) < 0.1 * abs(expected[0])
