@@ -284,7 +284,7 @@ def combine(paths: list[Path], figure: Path) -> int:
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
                 numbers = {k: _number(v) for k, v in row.items()}
-                label = f"{row['recipe']}\n{path.parent.name}"
+                label = f"{row['recipe']}, {path.parent.name.replace('_', ' ')}"
                 rows.append({**row, **numbers, "recipe": label, "twist": "mlp"})  # label says it
     plot(rows, figure, int(rows[0]["K"]))
     print(f"wrote {figure} ({len(rows)} rows)")
@@ -339,7 +339,11 @@ def plot(rows, path: Path, k: int) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    most = max(sum(r["task"] == t for r in rows) for t in tasks)
+    width = max(4.2, 0.75 * most)
+    figure, axes = plt.subplots(
+        1, len(tasks), figsize=(width * len(tasks), 3.6 + (1.6 if most > 4 else 0)), squeeze=False
+    )
     for axis, task in zip(axes[0], tasks, strict=True):
         mine = [r for r in rows if r["task"] == task]
         reference, error = mine[0]["reference"], mine[0]["reference_se"]
@@ -366,7 +370,10 @@ def plot(rows, path: Path, k: int) -> None:
             r["recipe"] if r.get("twist", "mlp") == "mlp" else f"{r['recipe']}\n({r['twist']})"
             for r in mine
         ]
-        axis.set_xticks(range(len(mine)), labels)
+        if len(mine) > 4:  # many runs side by side (--combine): slanted, smaller labels
+            axis.set_xticks(range(len(mine)), labels, rotation=40, ha="right", fontsize=7)
+        else:
+            axis.set_xticks(range(len(mine)), labels)
         axis.set_xlim(-0.6, len(mine) - 0.4)
         axis.set_title(f"{task} (K = {k})", fontsize=10)
         axis.set_ylabel("log Z")
