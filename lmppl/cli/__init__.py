@@ -4,7 +4,7 @@
 
     lmppl sample TARGET [--backend smc|is|twisted|exact] [--particles N] [--twist FILE]
                         [--set name=value ...] [--show K] [--out FILE.json|FILE.nc]
-    lmppl train-twist TARGET --method ctl|rl|sixo|fudge|dpg [--twist linear|mlp] --out DIR
+    lmppl train-twist TARGET --method ctl|rl|sixo|fudge|dpg [--twist linear|mlp|transformer] --out DIR
     lmppl bounds TARGET [--particles 1 4 16 64] [--runs R] [--exact-samples M]
                         [--twist FILE] --out PREFIX
 
@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     train.add_argument("--method", choices=METHODS, required=True, help="the twist loss")
     train.add_argument(
-        "--twist", choices=TWIST_KINDS, default="mlp", help="twist head (default mlp)"
+        "--twist",
+        choices=TWIST_KINDS,
+        default="mlp",
+        help="twist: a linear or MLP head on the frozen LM (default mlp), or transformer (a "
+        "trainable copy of the LM body: more capacity, measured closer bounds on stories260K)",
     )
     train.add_argument(
         "--hidden-size", type=int, default=64, help="width of the MLP head (default 64)"

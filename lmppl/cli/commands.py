@@ -242,6 +242,10 @@ def cmd_train_twist(options: argparse.Namespace) -> int:
     head = {"output": output, "condition_length": _condition_length(task), "seed": options.seed}
     if options.twist == "linear":
         twist = twists.LinearTwist(task.lm, **head)
+    elif options.twist == "transformer":  # a trainable copy of the LM body (reads the condition)
+        twist = twists.TransformerTwist(
+            task.lm, output=output, conditional=bool(head["condition_length"])
+        )
     else:
         twist = twists.MLPTwist(task.lm, options.hidden_size, **head)
     _print(

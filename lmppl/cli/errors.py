@@ -10,7 +10,7 @@ __all__ = ["BACKENDS", "EXACT_KINDS", "METHODS", "PROG", "TWIST_KINDS", "UsageEr
 PROG = "lmppl"
 BACKENDS = ("smc", "is", "twisted", "exact")
 METHODS = ("ctl", "rl", "sixo", "fudge", "dpg")
-TWIST_KINDS = ("linear", "mlp")
+TWIST_KINDS = ("linear", "mlp", "transformer")
 EXACT_KINDS = ("rejection", "joint", "enumerate")
 
 

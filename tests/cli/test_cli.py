@@ -505,6 +505,19 @@ def test_train_twist_checkpoints_and_resumes(capsys, tmp_path):
     assert info["metadata"]["exact_positives"] == 32
 
 
+def test_train_twist_transformer_body_trains_saves_and_samples(capsys, tmp_path):
+    argv = ["train-twist", f"{TINY}:TASK", "--method", "ctl", "--twist", "transformer"]
+    argv += ["--steps", 3, "--particles", 4, "--eval-every", 0, "--out", tmp_path]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "training TransformerTwist (log) with ctl" in out
+    info = lmppl.twists.read_twist_info(tmp_path / "twist.npz")
+    assert info["class"] == "TransformerTwist" and info["options"]["conditional"] is False
+    code, out, err = run(capsys, "sample", f"{TINY}:TASK", "--twist", tmp_path, "--particles", 4)
+    assert code == 0, err
+    assert "(TransformerTwist, trained with ctl on tiny, step 3)" in out
+
+
 def test_unwritable_out_fails_before_any_compute(capsys, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
