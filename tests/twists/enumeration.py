@@ -95,3 +95,17 @@ def projected_gradients(estimates, exact_grad, num_directions: int = 4):
     projected = estimates @ directions.T  # [R, directions]
     mean, error = mean_and_standard_error(projected)
     return mean, error, directions @ exact_grad
+
+
+def rl_squared_residuals(fixed: Samples, log_psi) -> jax.Array:
+    """``[N]``: RL's per-sequence ``½ Σ_t (log ψ_t − target_t)²`` with the bootstrapped
+    target ``log Σ_v p0(v) ψ_{t+1}`` (``fixed``'s twist, no gradient) and ``log φ`` at the
+    last valid step; the exact loss is its expectation under q."""
+    steps = log_psi.shape[1]
+    bootstrap = fixed.log_next_normalizer()[:, 1:]
+    log_phi = fixed.log_potential[:, None]
+    target = jnp.concatenate([bootstrap, log_phi], axis=1)
+    length = fixed.valid.sum(1)
+    target = jnp.where(jnp.arange(steps)[None] >= (length - 1)[:, None], log_phi, target)
+    residual = jnp.where(fixed.valid, log_psi - target, 0.0)
+    return 0.5 * jnp.sum(residual**2, axis=1)

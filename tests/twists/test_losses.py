@@ -16,6 +16,7 @@ from tests.twists.enumeration import (
     log_p0,
     log_q,
     projected_gradients,
+    rl_squared_residuals,
 )
 
 NUM_PARTICLES = 256
@@ -45,15 +46,7 @@ def exact_objective(method, program, args, twist, params, frozen):
         return -jnp.sum(sigma * log_q(samples))
     if method == "rl":
         fixed = enumerate_samples(program, args, twist, frozen)
-        q = jnp.exp(log_q(fixed))
-        steps = log_psi.shape[1]
-        bootstrap = fixed.log_next_normalizer()[:, 1:]
-        log_phi = fixed.log_potential[:, None]
-        target = jnp.concatenate([bootstrap, log_phi], axis=1)
-        length = fixed.valid.sum(1)
-        target = jnp.where(jnp.arange(steps)[None] >= (length - 1)[:, None], log_phi, target)
-        residual = jnp.where(fixed.valid, log_psi - target, 0.0)
-        return 0.5 * jnp.sum(q * jnp.sum(residual**2, axis=1))
+        return jnp.sum(jnp.exp(log_q(fixed)) * rl_squared_residuals(fixed, log_psi))
     raise ValueError(method)
 
 

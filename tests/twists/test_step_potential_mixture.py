@@ -26,6 +26,7 @@ from tests.twists.enumeration import (
     estimated_gradients,
     log_q,
     projected_gradients,
+    rl_squared_residuals,
 )
 
 REGEX_LM = table_lm(("a", "b", "ab"), context_length=12, seed=4, scale=1.2)  # <s> </s> a b ab
@@ -78,15 +79,7 @@ def exact_objective(method, program, twist, params, frozen):
         keep = np.asarray(jnp.exp(log_q(fixed)) > 0)
         fixed = jax.tree.map(lambda x: x[keep], fixed._replace(log_weight_history=None))
         log_psi = log_psi[keep]
-        q = jnp.exp(log_q(fixed))
-        steps = log_psi.shape[1]
-        bootstrap = fixed.log_next_normalizer()[:, 1:]
-        log_phi = fixed.log_potential[:, None]
-        target = jnp.concatenate([bootstrap, log_phi], axis=1)
-        length = fixed.valid.sum(1)
-        target = jnp.where(jnp.arange(steps)[None] >= (length - 1)[:, None], log_phi, target)
-        residual = jnp.where(fixed.valid, log_psi - target, 0.0)
-        return 0.5 * _masked(q, jnp.sum(residual**2, axis=1))
+        return _masked(jnp.exp(log_q(fixed)), rl_squared_residuals(fixed, log_psi))
     raise ValueError(method)
 
 
