@@ -26,6 +26,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("constraints.py", "constrained ms/token"),
         ("grammar.py", "host parser ms/token"),
         ("composite.py", "work-normalised variance ratio"),
+        ("gpu.py", "SMC / generate"),
     ],
 )
 def test_benchmark_runs_quick(script: str, ratio_heading: str):
