@@ -82,7 +82,12 @@ def train(task, recipe: str, options, rng_key, validation, positives):
         twist = lmppl.twists.MLPTwist(task.lm, hidden_size=options.hidden, seed=options.seed)
     extra = dict(RECIPES[recipe])
     if recipe != "old":
-        extra.update(eval_every=options.eval_every, exact_samples=validation)
+        extra.update(
+            eval_every=options.eval_every,
+            eval_particles=options.eval_particles,
+            eval_runs=options.eval_runs,
+            exact_samples=validation,
+        )
     if recipe == "exact":
         extra.update(target_sampler=lmppl.twists.pool_sampler(positives))
     began = time.perf_counter()
@@ -174,6 +179,10 @@ def main(argv=None) -> int:
         help="MLP head on the frozen LM (width --hidden) or a trainable copy of its body",
     )
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-particles", type=int, default=256, help="K of fit's evaluations")
+    parser.add_argument(
+        "--eval-runs", type=int, default=8, help="runs per bound in fit's evaluations"
+    )
     parser.add_argument("--K", type=int, default=256)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)

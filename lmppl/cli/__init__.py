@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-particles", type=int, default=64, help="K of the evaluations (default 64)"
     )
     train.add_argument(
+        "--eval-runs",
+        type=int,
+        default=8,
+        help="runs per bound in each evaluation (default 8; more: a less noisy best checkpoint)",
+    )
+    train.add_argument(
         "--exact-samples",
         type=int,
         default=16,

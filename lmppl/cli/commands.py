@@ -147,6 +147,7 @@ def _training_bounds(options, history) -> dict | None:
     index = history["best_step"] - 1
     record = {
         "K": options.eval_particles,
+        "runs": options.eval_runs,
         "step": history["best_step"],
         "lower": history["bound_lower"][index],
         "upper": history["bound_upper"][index],
@@ -165,11 +166,17 @@ def _evaluation_options(options, task) -> dict:
     every = options.eval_every
     if every is None:
         every = max(1, options.steps // 5)
-    if every < 0 or options.eval_particles < 1 or options.exact_samples < 1:
-        raise UsageError("--eval-every, --eval-particles and --exact-samples must be positive")
+    if every < 0 or min(options.eval_particles, options.eval_runs, options.exact_samples) < 1:
+        raise UsageError(
+            "--eval-every, --eval-particles, --eval-runs and --exact-samples must be positive"
+        )
     if every == 0:
         return {}
-    extra = {"eval_every": every, "eval_particles": options.eval_particles}
+    extra = {
+        "eval_every": every,
+        "eval_particles": options.eval_particles,
+        "eval_runs": options.eval_runs,
+    }
     if task.exact is not None and not task.conditional:
         start = time.perf_counter()
         exact = task.exact_samples(jax.random.fold_in(_key(options.seed), 7), options.exact_samples)

@@ -252,6 +252,8 @@ def trained(tmp_path_factory):
             "8",
             "--lr",
             "0.05",
+            "--eval-runs",
+            "3",
             "--out",
             str(folder),
         ]
@@ -268,7 +270,12 @@ def test_train_twist_writes_a_checkpoint_and_history(trained):
     assert info["step"] == 6 and len(info["history"]["loss"]) == 6
     # evaluated every 6 // 5 = 1 step against exact (enumerated) samples; the best is kept
     bounds = info["metadata"]["bounds"]
-    assert bounds["K"] == 64 and 1 <= bounds["step"] <= 6 and info["metadata"]["batch"] == "mixture"
+    assert (
+        bounds["K"] == 64
+        and bounds["runs"] == 3
+        and 1 <= bounds["step"] <= 6
+        and info["metadata"]["batch"] == "mixture"
+    )
     assert info["metadata"]["exact_positives"] == 0  # positives from the mixture batch by default
     assert bounds["lower"] <= bounds["upper"] + 0.2 and np.isfinite(bounds["gap"])
     assert len(info["history"]["bound_gap"]) == 6
