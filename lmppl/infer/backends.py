@@ -278,7 +278,9 @@ class SMC:
       ess_threshold: resample before a step when ``ESS < ess_threshold · N``;
         ``1.0`` resamples at every step (the paper's setting); ``None`` never.
       mesh: a ``jax.sharding.Mesh`` whose first axis shards the particle axis (several
-        devices); N must be divisible by that axis' size.
+        devices); N must be divisible by that axis' size. A model split over another axis
+        of the same mesh (:func:`lmppl.lm.shard`, e.g. a ``(2, 4)`` mesh
+        ``("particles", "model")``) keeps its layout: only the particle axis is constrained.
       resample_every: block-level steps: consider resampling only every k tokens (before
         steps k, 2k, ...); the weights stay exact (see :mod:`lmppl.infer.kernel`).
       resample_at: word-level steps: ``"word"`` resamples only the particles whose next

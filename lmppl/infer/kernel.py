@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lmppl.decoding import DecodeState, advance, next_token_log_weights, prefill, reorder
 from lmppl.infer.boundaries import (
@@ -253,9 +254,18 @@ def _constrain(state: ParticleState, sharding: Any, num_particles: int) -> Parti
     """Place the particle-leading fields of ``state`` with ``sharding`` (prompt replicated)."""
     if sharding is None:
         return state
+    # On a mesh with more axes than the particle one (a model split over a "model" axis,
+    # lmppl.lm.shard), only the leading axis is constrained: the others are left to the
+    # model's own constraints (its KV cache split over heads) and to XLA, rather than
+    # forced to be replicated. On a particle-only mesh the constraint is ``sharding``.
+    several_axes = isinstance(sharding, NamedSharding) and len(sharding.mesh.axis_names) > 1
 
     def leaf(x):
         if hasattr(x, "shape") and x.ndim >= 1 and x.shape[0] == num_particles:
+            if several_axes and x.ndim > 1:
+                free = (PartitionSpec.UNCONSTRAINED,) * (x.ndim - len(sharding.spec))
+                placed = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, *free))
+                return jax.lax.with_sharding_constraint(x, placed)
             return jax.lax.with_sharding_constraint(x, sharding)
         return x
 

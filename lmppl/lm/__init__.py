@@ -21,6 +21,7 @@ from lmppl.lm.llama2c import read_llama2c
 from lmppl.lm.random_init import FAMILIES, random_lm
 from lmppl.lm.registry import KNOWN_MODELS, load, load_gguf, load_llama2c
 from lmppl.lm.rope import rope_frequencies
+from lmppl.lm.sharding import SHARDABLE_ARCHITECTURES, ModelSharding, shard
 from lmppl.lm.t5 import T5LanguageModel
 from lmppl.lm.table import CharTokenizer, table_lm
 from lmppl.lm.tokenizers import (
@@ -34,6 +35,7 @@ from lmppl.lm.truncate import scanned, truncated
 __all__ = [
     "FAMILIES",
     "KNOWN_MODELS",
+    "SHARDABLE_ARCHITECTURES",
     "SUPPORTED_MODEL_TYPES",
     "ByteLevelBPETokenizer",
     "CharTokenizer",
@@ -47,6 +49,7 @@ __all__ = [
     "LlamaNetwork",
     "Llama2cTokenizer",
     "ModelConfig",
+    "ModelSharding",
     "RopeScaling",
     "T5LanguageModel",
     "Tokenizer",
@@ -64,6 +67,7 @@ __all__ = [
     "reorder_cache",
     "rope_frequencies",
     "scanned",
+    "shard",
     "table_lm",
     "truncated",
     "tokenizer_from_gguf_metadata",

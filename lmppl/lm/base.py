@@ -122,9 +122,13 @@ class LanguageModel:
       name: a human-readable name (model id or path).
       locally_normalised: True: the logits are normalised per step (a softmax gives
         p0(v | s_<t)); see :meth:`next_token_log_weights`.
+      model_sharding: ``None``, or after :func:`lmppl.lm.shard` the
+        :class:`~lmppl.lm.sharding.ModelSharding` that :meth:`apply` keeps the parameters
+        and the KV cache in (tensor-parallel over a mesh axis).
     """
 
     locally_normalised: bool = True
+    model_sharding: Any = None
 
     def __init__(
         self,
@@ -192,8 +196,17 @@ class LanguageModel:
         cache: Any,
         token_counts: jax.Array | None = None,
     ) -> LMOutput:
-        """Run the network on ``tokens`` ``[B, S]`` against ``cache`` (pure; jit-friendly)."""
-        return nnx.merge(self.graphdef, params)(tokens, cache, token_counts)
+        """Run the network on ``tokens`` ``[B, S]`` against ``cache`` (pure; jit-friendly).
+
+        A sharded model (:func:`lmppl.lm.shard`) constrains ``params`` and the cache it
+        reads and returns to its layout, so XLA keeps them split however they were made.
+        """
+        layout = self.model_sharding
+        if layout is None:
+            return nnx.merge(self.graphdef, params)(tokens, cache, token_counts)
+        params, cache = layout.constrain_params(params), layout.constrain_cache(cache)
+        out = nnx.merge(self.graphdef, params)(tokens, cache, token_counts)
+        return out._replace(cache=layout.constrain_cache(out.cache))
 
     def astype(self, dtype: Any) -> LanguageModel:
         """A copy whose floating-point parameters are cast to ``dtype`` (e.g. bfloat16)."""
