@@ -160,6 +160,25 @@ def test_padded_runs_repeat_the_unpadded_runs_for_the_same_key():
             )
 
 
+@pytest.mark.skipif(
+    not jax.config.jax_threefry_partitionable, reason="needs partitionable Threefry draws"
+)
+def test_padding_carries_over_several_lm_sites():
+    """Two latent LM sites with a latent between them: the active count and the masked
+    weights carry from one phase to the next (same numbers as 3 unpadded particles)."""
+    from tests.fixtures import SMALL_LM
+    from tests.infer.test_several_lm_sites import title_story
+
+    program = title_story(SMALL_LM, banned=True)
+    padded = lmppl.infer.SMC(program, 8, ess_threshold=1.0).active_particles(3)
+    unpadded = lmppl.infer.SMC(program, 3, ess_threshold=1.0)
+    np.testing.assert_allclose(
+        padded.log_marginals(jax.random.key(3), 30),
+        unpadded.log_marginals(jax.random.key(3), 30),
+        atol=1e-5,
+    )
+
+
 def test_padded_runs_with_the_optimal_twist_are_exact():
     """Zero-variance twist: every padded K gives log Z exactly (lower and upper), so the
     epochs' normaliser is log K, not log N."""
