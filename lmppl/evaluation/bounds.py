@@ -247,6 +247,24 @@ def _cycled(references: np.ndarray, count: int) -> jax.Array:
     return jnp.asarray(references[np.arange(count) % len(references)], jnp.int32)
 
 
+def _samplers(
+    program: Callable,
+    backend: Callable[[Callable, int], Any],
+    num_particles: list[int],
+    padded: bool,
+) -> list[Any]:
+    """One sampler per K: ``backend(program, K)``, or, when the sampler of the largest K
+    pads every other (:meth:`~lmppl.infer.SMC.pads`: same settings, a built-in resampling
+    scheme, no word-level steps), that one sampler run with K active particles
+    (:meth:`~lmppl.infer.SMC.active_particles`), so that every K shares one compilation."""
+    built = {k: backend(program, k) for k in dict.fromkeys(num_particles)}
+    largest = built[max(built)]
+    pads = getattr(largest, "pads", None)
+    if not padded or len(built) == 1 or pads is None or not all(map(pads, built.values())):
+        return [built[k] for k in num_particles]
+    return [largest.active_particles(k) for k in num_particles]
+
+
 def log_z_bounds(
     program: Callable,
     backend: Callable[[Callable, int], Any],
@@ -260,6 +278,7 @@ def log_z_bounds(
     name: str | None = None,
     log_z: float | None = None,
     progress: bool = False,
+    padded: bool = True,
 ) -> BoundsTable:
     """Lower and upper bounds on log Z for each K, with 95% intervals over runs.
 
@@ -268,6 +287,16 @@ def log_z_bounds(
     ``sampler.conditional_log_marginals`` whose references are the exact samples (run r
     uses sample ``r mod M``; each is still exactly σ-distributed, so the upper bound holds
     with fewer samples than runs, at the cost of correlated runs).
+
+    One compilation for every K: when ``backend(program, K_max)`` runs the other K on its
+    own sweep (an lmppl backend with a built-in resampling scheme and no word-level steps,
+    built with the same settings for every K), each K runs as that sampler with its first
+    K particles active and the other ``K_max − K`` masked (log-weight −inf, never
+    resampled; ``ESS < threshold · K``; ``log Ẑ`` increments ``logsumexp_{i<K} log W^i −
+    log K``): the law of each estimate is the K-particle sampler's (with JAX's default
+    partitionable Threefry and no residual resampling, even the numbers of
+    ``backend(program, K)`` for the same key; see :mod:`lmppl.infer.kernel`). Otherwise (or with ``padded=False``) each K
+    compiles its own sweep.
 
     Args:
       program: the NumPyro program.
@@ -282,6 +311,8 @@ def log_z_bounds(
       name: the method's name in the table (default: the sampler's ``name``).
       log_z: the exact log Z, when known (kept in the table for reference).
       progress: show a tqdm progress bar.
+      padded: share one compilation over the K values when the backend allows (above);
+        False: one sampler and compilation per K.
 
     Returns:
       a :class:`BoundsTable`.
@@ -303,8 +334,8 @@ def log_z_bounds(
 
         bar = tqdm(total=len(num_particles) * len(calls), desc=name or "bounds")
     rows = []
-    for k_index, k in enumerate(num_particles):
-        sampler = backend(program, k)
+    samplers = _samplers(program, backend, num_particles, padded)
+    for k_index, (k, sampler) in enumerate(zip(num_particles, samplers, strict=True)):
         label = name or getattr(sampler, "name", type(sampler).__name__)
         lower = np.zeros((len(calls), num_runs))
         upper = np.zeros((len(calls), num_runs))

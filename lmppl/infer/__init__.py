@@ -1,7 +1,7 @@
 """Inference layer: the sequential-target compiler, resampling, IS / SMC / twisted SMC / exact,
 and particle Gibbs (iterated conditional SMC) over any of the SMC family."""
 
-from lmppl.infer.backends import SMC, ImportanceSampling, TwistedSMC
+from lmppl.infer.backends import SMC, ActiveParticles, ImportanceSampling, TwistedSMC
 from lmppl.infer.exact import Exact, ExactTwist
 from lmppl.infer.gibbs import ParticleGibbs, ParticleGibbsResult
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
@@ -20,6 +20,7 @@ from lmppl.infer.twist import ParametricTwist, TwistInputs
 __all__ = [
     "RESAMPLERS",
     "SMC",
+    "ActiveParticles",
     "Exact",
     "ExactTwist",
     "ImportanceSampling",

@@ -7,6 +7,11 @@
 * :class:`TwistedSMC` — SMC with the twist-induced proposal of learned or given twists
   (Zhao et al. 2024).
 
+A sampler built for N particles also runs any K <= N of them on its one compiled sweep
+(:meth:`SMC.active_particles`: the particle axis is padded to N and the inactive particles
+masked, see :mod:`lmppl.infer.kernel`), so :func:`lmppl.evaluation.log_z_bounds` over
+several K compiles once.
+
 All three run the same jitted sweep (:mod:`lmppl.infer.sweep`) and return an
 :class:`~lmppl.infer.result.InferenceResult`. Swapping the backend never touches the
 program. Compiled sweeps are cached per (program structure, static arguments).
@@ -30,12 +35,14 @@ from lmppl.infer.arguments import split_arguments
 from lmppl.infer.boundaries import ResampleAt, check_resample_at
 from lmppl.infer.kernel import OBSERVED_LM_SCORING, check_options
 from lmppl.infer.program import ProgramError, ProgramStructure, discover
+from lmppl.infer.resampling import padded_resampler
 from lmppl.infer.result import InferenceResult
 from lmppl.infer.sweep import SweepOptions, SweepOutput, build_sweep
 from lmppl.infer.twist import split_twist
 
 __all__ = [
     "SMC",
+    "ActiveParticles",
     "CompiledProgram",
     "ImportanceSampling",
     "TwistedSMC",
@@ -237,30 +244,36 @@ class _JittedSweep:
         self.advance = jax.jit(self._advance)
         self.finish = jax.jit(self._finish)
 
-    def _advance(self, rng_key, model_params, twist_params, arrays, reference):
+    def _advance(self, rng_key, model_params, twist_params, arrays, reference, num_active=None):
         call_args, call_kwargs = self.rebuild(arrays)
         return self.sweep.advance(
-            rng_key, model_params, twist_params, call_args, call_kwargs, reference
+            rng_key, model_params, twist_params, call_args, call_kwargs, reference, num_active
         )
 
     def _finish(self, suffix_key, model_params, arrays, particles, info):
         call_args, call_kwargs = self.rebuild(arrays)
         return self.sweep.finish(suffix_key, model_params, call_args, call_kwargs, particles, info)
 
-    def __call__(self, rng_key, model_params, twist_params, arrays, reference):
+    def __call__(self, rng_key, model_params, twist_params, arrays, reference, num_active=None):
+        """One sweep; ``num_active`` (``[]`` int32 K, or None: all N) pads the particle axis
+        (see :meth:`~lmppl.infer.sweep.Sweep.advance`)."""
         suffix_key, particles, info = self.advance(
-            rng_key, model_params, twist_params, arrays, reference
+            rng_key, model_params, twist_params, arrays, reference, num_active
         )
         return self.finish(suffix_key, model_params, arrays, particles, info)
 
-    def vmapped(self, reference_axis: int | None) -> Callable:
-        """The same two halves vmapped over runs (keys and, if batched, references)."""
-        advance = jax.jit(jax.vmap(self._advance, in_axes=(0, None, None, None, reference_axis)))
+    def vmapped(self, reference_axis: int | None, padded: bool = False) -> Callable:
+        """The same two halves vmapped over runs (keys and, if batched, references);
+        ``padded``: they take the active particle count K last (shared by the runs)."""
+        in_axes: tuple = (0, None, None, None, reference_axis)
+        if padded:
+            in_axes = (*in_axes, None)
+        advance = jax.jit(jax.vmap(self._advance, in_axes=in_axes))
         finish = jax.jit(jax.vmap(self._finish, in_axes=(0, None, None, 0, 0)))
 
-        def runs(keys, model_params, twist_params, arrays, references):
+        def runs(keys, model_params, twist_params, arrays, references, *num_active):
             suffix_keys, particles, info = advance(
-                keys, model_params, twist_params, arrays, references
+                keys, model_params, twist_params, arrays, references, *num_active
             )
             return finish(suffix_keys, model_params, arrays, particles, info)
 
@@ -348,7 +361,7 @@ class SMC:
             )
         self.proposal = proposal
         self._compiled: dict[Any, tuple[ProgramStructure, Callable]] = {}
-        self._batched: dict[Callable, Callable] = {}
+        self._batched: dict[tuple[Callable, bool], Callable] = {}
 
     # Subclasses choose the twist (and what it is conditioned on).
     twist_condition: Callable[..., Any] | None = None
@@ -453,36 +466,78 @@ class SMC:
             return False
         return True
 
-    def _runs(self, compiled: CompiledProgram, conditional: bool) -> Callable:
+    def _runs(self, compiled: CompiledProgram, conditional: bool, padded: bool = False) -> Callable:
         """The sweep vmapped over runs and jitted once: ``(keys, params, twist, arrays,
-        references)``, ``references`` ``[R, T]`` batched for a conditional sweep, else None.
+        references)``, ``references`` ``[R, T]`` batched for a conditional sweep, else None;
+        ``padded``: one more argument, the active particle count K (``[]`` int32, traced:
+        every K <= N shares the compilation).
 
         Runs are split into chunks of at most :func:`runs_per_call` (same-size chunks, the
         last one padded, so one compilation serves them all); each run's result depends
         only on its own key, so chunking changes no number.
         """
-        entry = self._batched.get(compiled.sweep)
+        entry = self._batched.get((compiled.sweep, padded))
         if entry is None:
             assert isinstance(compiled.sweep, _JittedSweep)
-            many = compiled.sweep.vmapped(reference_axis=0 if conditional else None)
+            many = compiled.sweep.vmapped(reference_axis=0 if conditional else None, padded=padded)
             per_call = runs_per_call(compiled.structure, self.num_particles)
 
-            def entry(keys, model_params, twist_params, arrays, references):
+            def entry(keys, model_params, twist_params, arrays, references, *num_active):
                 total = keys.shape[0]
                 size = min(total, per_call)
                 if size == total:
-                    return many(keys, model_params, twist_params, arrays, references)
+                    return many(keys, model_params, twist_params, arrays, references, *num_active)
                 outputs = []
                 for start in range(0, total, size):
                     index = jnp.arange(start, start + size) % total  # pad by wrapping
                     chunk_refs = None if references is None else references[index]
-                    out = many(keys[index], model_params, twist_params, arrays, chunk_refs)
+                    out = many(
+                        keys[index], model_params, twist_params, arrays, chunk_refs, *num_active
+                    )
                     outputs.append(out)
                 joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outputs)
                 return jax.tree.map(lambda x: x[:total], joined)
 
-            self._batched[compiled.sweep] = entry
+            self._batched[(compiled.sweep, padded)] = entry
         return entry
+
+    def supports_padding(self) -> bool:
+        """Whether :meth:`active_particles` can run this sampler's settings: a built-in
+        resampling scheme (or none) and no word-level steps."""
+        if self.ess_threshold is None:
+            return True
+        return self.resample_at is None and padded_resampler(self.resampling) is not None
+
+    def pads(self, other: Any) -> bool:
+        """Whether ``other`` is this sampler with ``K <= N`` particles (same class and
+        settings, the same twist and proposal objects) and this sampler can run it padded
+        (:meth:`active_particles`)."""
+        if type(other) is not type(self) or not self.supports_padding():
+            return False
+        if not isinstance(other.num_particles, int) or other.num_particles > self.num_particles:
+            return False
+        ignored = {"num_particles", "_compiled", "_batched"}
+        mine = {k: v for k, v in vars(self).items() if k not in ignored}
+        theirs = {k: v for k, v in vars(other).items() if k not in ignored}
+        return mine.keys() == theirs.keys() and all(_same(mine[k], theirs[k]) for k in mine)
+
+    def active_particles(self, num_active: int) -> ActiveParticles:
+        """This sampler run with only its first ``K = num_active <= N`` particles active,
+        on its own compiled sweep (the particle axis padded to N, the other N − K masked:
+        log-weight −inf, never resampled; see :mod:`lmppl.infer.kernel`). Every K shares
+        one compilation; each estimate has the law of a ``K``-particle sampler's (for the
+        random streams see :class:`ActiveParticles`)."""
+        num_active = _check_particles(num_active)
+        if num_active > self.num_particles:
+            raise ValueError(
+                f"num_active={num_active} is more than the sampler's {self.num_particles} particles"
+            )
+        if not self.supports_padding():
+            raise ValueError(
+                f"{self.name}: a custom resampler or word-level steps cannot run on a padded "
+                "particle axis; build the sampler with K particles instead"
+            )
+        return ActiveParticles(self, num_active)
 
     @reraising
     def log_marginals(self, rng_key: jax.Array, num_runs: int, *args, **kwargs) -> jax.Array:
@@ -493,6 +548,17 @@ class SMC:
         :meth:`conditional_log_marginals` with as many runs reuses the same compilation
         (the lower and upper halves of :func:`lmppl.evaluation.log_z_bounds`).
         """
+        return self._log_marginals(rng_key, num_runs, args, kwargs, None)
+
+    def _many(self, compiled: CompiledProgram, conditional: bool, num_active: int | None):
+        """``(runs, extra)``: :meth:`_runs` and its trailing arguments (the active count)."""
+        if num_active is None:
+            return self._runs(compiled, conditional), ()
+        return self._runs(compiled, conditional, padded=True), (jnp.asarray(num_active, jnp.int32),)
+
+    def _log_marginals(
+        self, rng_key: jax.Array, num_runs: int, args: tuple, kwargs: dict, num_active: int | None
+    ) -> jax.Array:
         rng_key = _check_key(rng_key)
         if isinstance(num_runs, bool) or not isinstance(num_runs, int | np.integer) or num_runs < 1:
             raise ValueError(f"num_runs must be a positive integer, got {num_runs!r}")
@@ -502,13 +568,13 @@ class SMC:
             compiled = self.compile(*args, conditional=True, **kwargs)
             steps = compiled.structure.total_steps
             references = jnp.full((num_runs, steps), -1, jnp.int32)
-            many = self._runs(compiled, conditional=True)
+            many, extra = self._many(compiled, True, num_active)
         else:
             references = None
-            many = self._runs(compiled, conditional=False)
+            many, extra = self._many(compiled, False, num_active)
         structure, _, arrays, twist_params = compiled
         with explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
-            outputs = many(keys, structure.model_params(), twist_params, arrays, references)
+            outputs = many(keys, structure.model_params(), twist_params, arrays, references, *extra)
         check_output(outputs, self.name)
         return outputs.log_marginal
 
@@ -523,6 +589,16 @@ class SMC:
         exactly from σ, the mean of these estimates is an upper bound on log Z (with no
         resampling: the IWAE upper bound), the counterpart of :meth:`log_marginals`.
         """
+        return self._conditional_log_marginals(rng_key, references, args, kwargs, None)
+
+    def _conditional_log_marginals(
+        self,
+        rng_key: jax.Array,
+        references: jax.Array,
+        args: tuple,
+        kwargs: dict,
+        num_active: int | None,
+    ) -> jax.Array:
         rng_key = _check_key(rng_key)
         references = jnp.asarray(references, jnp.int32)
         if references.ndim != 2:
@@ -537,11 +613,61 @@ class SMC:
         if bool(jnp.any(references < 0)):
             raise ValueError("references must be token ids (non-negative)")
         keys = jax.random.split(rng_key, references.shape[0])
-        many = self._runs(CompiledProgram(structure, jitted, arrays, twist_params), True)
+        compiled = CompiledProgram(structure, jitted, arrays, twist_params)
+        many, extra = self._many(compiled, True, num_active)
         with explaining_out_of_memory(self.name, structure, self.num_particles, len(keys)):
-            outputs = many(keys, structure.model_params(), twist_params, arrays, references)
+            outputs = many(keys, structure.model_params(), twist_params, arrays, references, *extra)
         check_output(outputs, self.name, conditional=True)
         return outputs.log_marginal
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two sampler settings are the same: the same object, equal plain values, or dicts /
+    tuples of such (a twist or model is compared by identity, never by ``==``)."""
+    if a is b:
+        return True
+    plain = (str, int, float, bool, type(None))
+    if isinstance(a, plain) and isinstance(b, plain):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return False
+
+
+class ActiveParticles:
+    """A sampler run with only its first ``K`` particles active (:meth:`SMC.active_particles`).
+
+    ``log_marginals`` and ``conditional_log_marginals`` as the sampler's, each estimate
+    distributed as a ``K``-particle sampler's: the sweep compiled for the sampler's N
+    particles runs with particles ``K .. N − 1`` inert (log-weight −inf, never an ancestor;
+    the ESS rule reads ``ESS < threshold · K``; each closed epoch adds
+    ``logsumexp_{i<K} log W^i − log K`` to log Ẑ), so every K <= N shares one compilation.
+    Random streams: with JAX's partitionable Threefry (the default) the numbers equal those
+    of a sampler built with K particles for the same key, except with residual resampling
+    (same law, another stream); see :mod:`lmppl.infer.kernel`.
+    """
+
+    def __init__(self, sampler: SMC, num_active: int):
+        self.sampler = sampler
+        self.num_particles = num_active
+        self.name = sampler.name
+
+    @reraising
+    def log_marginals(self, rng_key: jax.Array, num_runs: int, *args, **kwargs) -> jax.Array:
+        """``[num_runs]`` log Ẑ estimates with K particles (see :meth:`SMC.log_marginals`)."""
+        return self.sampler._log_marginals(rng_key, num_runs, args, kwargs, self.num_particles)
+
+    @reraising
+    def conditional_log_marginals(
+        self, rng_key: jax.Array, references: jax.Array, *args, **kwargs
+    ) -> jax.Array:
+        """Conditional SMC log Ẑ with K particles, one run per reference ``[R, T]`` (see
+        :meth:`SMC.conditional_log_marginals`)."""
+        return self.sampler._conditional_log_marginals(
+            rng_key, references, args, kwargs, self.num_particles
+        )
 
 
 class ImportanceSampling(SMC):

@@ -40,6 +40,21 @@ other particles are resampled from the conditional law of the scheme given that 
 That law is ``a^0 = 0, a^i ~ iid Categorical(W)`` for multinomial resampling only, so a
 conditional run accepts only that scheme (or no resampling). With the reference an exact
 sample of σ, ``E[Z / Ẑ] = 1`` and ``E[log Ẑ] >= log Z`` (the upper bound).
+
+Padded particle axis (``ParticleState.num_active = K``, a traced int; None: all N active):
+a sweep compiled for N particles runs K <= N of them, so one compilation serves every K.
+Particles i >= K are inert: their log-weight is −inf at every step (they are never an
+ancestor, and their offspring never replace them), the ESS rule reads ``ESS < threshold ·
+K`` (the ESS of the weights is already over the active ones), resampling draws the K
+points of the K-particle scheme (:func:`~lmppl.infer.resampling.resample_active`) and
+every closed epoch adds ``log Σ_{i<K} W^i − log K`` to log Ẑ. The law of the active
+particles and of Ẑ is that of an unpadded K-particle sweep. The random streams need not be
+the same; with JAX's partitionable Threefry (``jax_threefry_partitionable``, the default)
+the first K rows of every per-particle draw are the K-particle sweep's draws, so for the
+same key the padded run equals the unpadded one with multinomial, stratified or systematic
+resampling or none (tested; residual resampling's categorical draw is wider, so only its
+law is the same). Conditional SMC's clamped particle 0 is always active. Word-level steps
+(``resample_at``) are not padded.
 """
 
 from __future__ import annotations
@@ -73,7 +88,12 @@ from lmppl.infer.program import (
     step_potential_functions,
 )
 from lmppl.infer.proposal import propose
-from lmppl.infer.resampling import effective_sample_size, get_resampler, multinomial
+from lmppl.infer.resampling import (
+    effective_sample_size,
+    get_resampler,
+    multinomial,
+    resample_active,
+)
 from lmppl.infer.twist import TwistInputs
 from lmppl.lm.base import gather_rows
 from lmppl.token_sampler import sample_categorical
@@ -90,6 +110,7 @@ __all__ = [
     "close_phase",
     "finalize",
     "init",
+    "mask_inactive",
 ]
 
 
@@ -168,6 +189,8 @@ class ParticleState(NamedTuple):
         per-step potential forbids, gets weight zero at the end, and the backends refuse it).
       earlier_log_probs: ``{site: [N]}`` the observed LM sites scored per step in earlier
         phases (a program with several latent LM sites), gathered with the particles.
+      num_active: ``[]`` int32 K, a padded particle axis of which only the first K
+        particles are active (the others carry log-weight −inf), or None: all N are.
     """
 
     decode: DecodeState
@@ -183,6 +206,7 @@ class ParticleState(NamedTuple):
     proposals: tuple = ()
     reference_alive: Any = None
     earlier_log_probs: dict = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
+    num_active: Any = None
 
 
 class StepInfo(NamedTuple):
@@ -246,8 +270,24 @@ def _twist_scale(log_psi: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(jnp.isneginf(log_psi), 0.0, jnp.abs(log_psi)))
 
 
-def _log_mean_exp(log_weights: jax.Array) -> jax.Array:
-    return logsumexp(log_weights) - jnp.log(log_weights.shape[0])
+def _log_mean_exp(log_weights: jax.Array, num_active: Any = None) -> jax.Array:
+    """``log mean_i W^i`` over the N particles, or over the first ``num_active = K``
+    (the others are −inf): ``logsumexp(log W) − log K``."""
+    if num_active is None:
+        return logsumexp(log_weights) - jnp.log(log_weights.shape[0])
+    return logsumexp(log_weights) - jnp.log(num_active.astype(jnp.float32))
+
+
+def active_mask(num_particles: int, num_active: jax.Array) -> jax.Array:
+    """``[N]`` bool: the particles ``i < K`` of a padded particle axis."""
+    return jnp.arange(num_particles) < num_active
+
+
+def mask_inactive(log_weights: jax.Array, num_active: Any) -> jax.Array:
+    """``log_weights`` with the inactive particles (``i >= K``) at −inf (None: unchanged)."""
+    if num_active is None:
+        return log_weights
+    return jnp.where(active_mask(log_weights.shape[0], num_active), log_weights, -jnp.inf)
 
 
 def _constrain(state: ParticleState, sharding: Any, num_particles: int) -> ParticleState:
@@ -437,6 +477,7 @@ def init(
         log_marginal=previous.log_marginal,
         reference_alive=previous.reference_alive,
         earlier_log_probs=previous.earlier_log_probs,
+        num_active=previous.num_active,
     )
 
 
@@ -478,8 +519,8 @@ def _gather_particles(state: ParticleState, ancestors: jax.Array) -> ParticleSta
 def _resample(state: ParticleState, ancestors: jax.Array) -> ParticleState:
     """Close the epoch (``log Ẑ += log mean W``) and gather every particle field."""
     return _gather_particles(state, ancestors)._replace(
-        log_weights=jnp.zeros_like(state.log_weights),
-        log_marginal=state.log_marginal + _log_mean_exp(state.log_weights),
+        log_weights=mask_inactive(jnp.zeros_like(state.log_weights), state.num_active),
+        log_marginal=state.log_marginal + _log_mean_exp(state.log_weights, state.num_active),
     )
 
 
@@ -554,7 +595,10 @@ def build_kernel(
         return reference[t] >= 0
 
     def resample_branch(state: ParticleState, rng_key, t):
-        ancestors = resampler(rng_key, state.log_weights, num)
+        if state.num_active is None:
+            ancestors = resampler(rng_key, state.log_weights, num)
+        else:  # the K-point scheme over the active particles, the others kept
+            ancestors = resample_active(resampler, rng_key, state.log_weights, state.num_active)
         if options.conditional:
             ancestors = ancestors.at[0].set(jnp.where(clamps(t), 0, ancestors[0]))
         return _resample(state, ancestors), ancestors
@@ -563,15 +607,20 @@ def build_kernel(
         return state, jnp.arange(num, dtype=jnp.int32)
 
     def step(rng_key: jax.Array, state: ParticleState, t: jax.Array):
+        if state.num_active is not None and word_level:
+            raise ProgramError(
+                "word-level steps (resample_at) cannot run on a padded particle axis"
+            )
         resample_key, sample_key = jax.random.split(rng_key)
         ess = effective_sample_size(state.log_weights)
+        active = num if state.num_active is None else state.num_active
         position = t + offset  # the step in the whole sweep (all LM sites)
         gate = (position > 0) & (position % options.resample_every == 0)
         if threshold is None or word_level:  # word-level: resampled after the proposal
             resampled = jnp.zeros((), bool)
             ancestors = jnp.arange(num, dtype=jnp.int32)
         else:
-            resampled = gate & ((threshold >= 1.0) | (ess < threshold * num))
+            resampled = gate & ((threshold >= 1.0) | (ess < threshold * active))
             state, ancestors = jax.lax.cond(
                 resampled, resample_branch, keep_branch, state, resample_key, t
             )
@@ -686,7 +735,7 @@ def build_kernel(
         )
         new_state = state._replace(
             decode=advance(model, lm_params, state.decode, token, eos),
-            log_weights=state.log_weights + increment,
+            log_weights=mask_inactive(state.log_weights + increment, state.num_active),
             log_psi=new_log_psi,
             step_states=new_step_states,
             observers=tuple(
@@ -754,6 +803,7 @@ def finalize(
         -jnp.inf,
         state.log_weights + log_potential - state.log_psi,
     )
+    log_weights = mask_inactive(log_weights, state.num_active)
     if state.reference_alive is not None:  # a clamped reference the proposal could not make
         log_weights = log_weights.at[0].set(
             jnp.where(state.reference_alive, log_weights[0], -jnp.inf)
@@ -761,7 +811,7 @@ def finalize(
     return SweepOutput(
         tokens=state.decode.tokens,
         log_weights=log_weights,
-        log_marginal=state.log_marginal + _log_mean_exp(log_weights),
+        log_marginal=state.log_marginal + _log_mean_exp(log_weights, state.num_active),
         log_potential=log_potential,
         site_log_probs=site_log_probs,
         latent_values={**state.prefix_values, **later},

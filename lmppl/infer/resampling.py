@@ -5,6 +5,12 @@ ancestor indices, and is unbiased: the expected number of offspring of particle 
 ``num_samples · w_i`` with ``w = softmax(log_weights)``. Weights are taken in log space;
 ``-inf`` entries never get offspring; if every weight is ``-inf`` the indices are the
 identity (there is nothing to resample and the caller reports a zero marginal).
+
+Padded particle axes (:func:`resample_active`): a sweep compiled for ``N`` particles can run
+with only the first ``K <= N`` active, ``K`` a traced integer (so one compilation serves
+every ``K``). The built-in schemes then draw exactly the ``K`` points of their ``K``-sample
+scheme (``K`` strata, ``K`` systematic offsets, ``floor(K w_i)`` residual copies) for the
+first ``K`` slots and leave the others their own ancestors.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ __all__ = [
     "get_resampler",
     "multinomial",
     "normalized_weights",
+    "padded_resampler",
+    "resample_active",
     "residual",
     "stratified",
     "systematic",
@@ -99,6 +107,86 @@ def residual(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> ja
     random_slot = slots - (num_samples - remainder)
     indices = jnp.where(random_slot >= 0, random, deterministic)
     return _identity_if_degenerate(indices, log_weights, num_samples)
+
+
+def _first(indices: jax.Array, count: jax.Array) -> jax.Array:
+    """``indices`` in the first ``count`` slots, each other slot its own index."""
+    slots = jnp.arange(indices.shape[0])
+    return jnp.where(slots < count, indices, slots)
+
+
+def _multinomial_active(rng_key: jax.Array, log_weights: jax.Array, count: jax.Array) -> jax.Array:
+    # K iid draws from Categorical(w): the first K of N iid uniforms.
+    points = jax.random.uniform(rng_key, log_weights.shape)
+    return _search(normalized_weights(log_weights), points)
+
+
+def _stratified_active(rng_key: jax.Array, log_weights: jax.Array, count: jax.Array) -> jax.Array:
+    # Slot k < K: one uniform in the stratum [k/K, (k+1)/K).
+    size = log_weights.shape[0]
+    points = (jnp.arange(size) + jax.random.uniform(rng_key, (size,))) / count
+    return _search(normalized_weights(log_weights), points)
+
+
+def _systematic_active(rng_key: jax.Array, log_weights: jax.Array, count: jax.Array) -> jax.Array:
+    # Slot k < K: (k + u) / K with one shared u.
+    size = log_weights.shape[0]
+    points = (jnp.arange(size) + jax.random.uniform(rng_key, ())) / count
+    return _search(normalized_weights(log_weights), points)
+
+
+def _residual_active(rng_key: jax.Array, log_weights: jax.Array, count: jax.Array) -> jax.Array:
+    # floor(K w_i) copies of particle i, then K − Σ floor(K w_i) draws ∝ K w_i − floor(K w_i).
+    weights = normalized_weights(log_weights)
+    size = weights.shape[0]
+    copies = jnp.floor(count * weights).astype(jnp.int32)
+    remainder = count - copies.sum()
+    residual_weights = count * weights - copies
+    slots = jnp.arange(size)
+    deterministic = jnp.clip(jnp.searchsorted(jnp.cumsum(copies), slots, side="right"), 0, size - 1)
+    has_residual = residual_weights.sum() > 0
+    logits = jnp.where(has_residual, jnp.log(jnp.maximum(residual_weights, 0.0)), 0.0)
+    random = jax.random.categorical(rng_key, logits, shape=(size,))
+    return jnp.where(slots - (count - remainder) >= 0, random, deterministic)
+
+
+_ACTIVE: dict[Callable[..., jax.Array], Callable[..., jax.Array]] = {
+    multinomial: _multinomial_active,
+    stratified: _stratified_active,
+    systematic: _systematic_active,
+    residual: _residual_active,
+}
+
+
+def padded_resampler(name_or_fn: str | Resampler) -> Callable[..., jax.Array] | None:
+    """The scheme's draw over a padded particle axis (see :func:`resample_active`), or None
+    for a scheme that has none (a custom resampler: its caller compiles per ``K``)."""
+    try:
+        return _ACTIVE.get(get_resampler(name_or_fn))
+    except ValueError:
+        return None
+
+
+def resample_active(
+    name_or_fn: str | Resampler, rng_key: jax.Array, log_weights: jax.Array, count: jax.Array
+) -> jax.Array:
+    """``[N]`` ancestors of a padded particle axis whose first ``count = K`` particles are
+    active (``count`` a traced int; the others have log-weight −inf).
+
+    Slot ``k < K`` gets the k-th of the ``K`` ancestors the scheme draws for ``K`` samples
+    from ``w = softmax(log_weights)`` (which is zero beyond ``K``, so no inactive particle
+    is ever an ancestor): the same law as the unpadded scheme with ``K`` particles (the same
+    draws for multinomial, stratified and systematic when ``jax_threefry_partitionable``
+    makes the first K of N uniforms the K uniforms; residual's categorical draw differs).
+    Slots ``k >= K`` are their own ancestors; every weight −inf
+    gives the identity. Only the built-in schemes (:func:`padded_resampler`) are accepted.
+    """
+    draw = padded_resampler(name_or_fn)
+    if draw is None:
+        raise ValueError(f"resampling scheme {name_or_fn!r} has no padded (active-count) form")
+    indices = draw(rng_key, log_weights, count)
+    indices = _identity_if_degenerate(indices, log_weights, log_weights.shape[0])
+    return _first(indices, count).astype(jnp.int32)
 
 
 RESAMPLERS: dict[str, Callable[..., jax.Array]] = {

@@ -35,6 +35,7 @@ from lmppl.infer.kernel import (
     close_phase,
     finalize,
     init,
+    mask_inactive,
 )
 from lmppl.infer.program import ProgramStructure
 from lmppl.infer.twist import TwistInputs
@@ -89,13 +90,20 @@ class Sweep:
         params = twist_params if twist_params is not None else (None,) * len(phases)
         return list(zip(applies, params, strict=True))
 
-    def advance(self, rng_key, model_params, twist_params, args, kwargs, reference=None):
+    def advance(
+        self, rng_key, model_params, twist_params, args, kwargs, reference=None, num_active=None
+    ):
         """``(suffix_key, particles, info)``: init and the kernel scanned over the T steps.
 
         A program with several latent LM sites runs one scan per site, in program order,
         each continuing the previous one's particles (:func:`~lmppl.infer.kernel.init` with
         ``previous``); ``info`` is concatenated over all their steps and ``reference`` is
-        the concatenation of the sites' clamped sequences."""
+        the concatenation of the sites' clamped sequences.
+
+        ``num_active``: ``[]`` int32 K <= N (traced: one compilation for every K), a padded
+        particle axis of which only the first K particles are active (initial log-weights
+        ``0`` for ``i < K``, ``−inf`` after; see :mod:`lmppl.infer.kernel`): the law of an
+        N = K sweep (its random stream: see :mod:`lmppl.infer.kernel`). None (default): all N particles."""
         options, num = self.options, self.options.num_particles
         prefix_key, step_key, suffix_key = jax.random.split(rng_key, 3)
         condition = (
@@ -112,6 +120,12 @@ class Sweep:
                 state = close_phase(phases[index - 1], state, options)
             phase_key = jax.random.fold_in(prefix_key, index) if index else prefix_key
             state = init(phase_key, target, model_params, num, options, previous=state)
+            if index == 0 and num_active is not None:
+                num_active = jnp.asarray(num_active, jnp.int32)
+                state = state._replace(
+                    log_weights=mask_inactive(state.log_weights, num_active),
+                    num_active=num_active,
+                )
             state = _constrain(state, options.particle_sharding, num)
             phase_reference = None if reference is None else reference[offset : offset + steps]
             step = build_kernel(
@@ -147,9 +161,11 @@ class Sweep:
         """The final potential and the closing of the last epoch (:func:`finalize`)."""
         return finalize(suffix_key, self._target(args, kwargs), model_params, particles, info)
 
-    def __call__(self, rng_key, model_params, twist_params, args, kwargs, reference=None):
+    def __call__(
+        self, rng_key, model_params, twist_params, args, kwargs, reference=None, num_active=None
+    ):
         suffix_key, particles, info = self.advance(
-            rng_key, model_params, twist_params, args, kwargs, reference
+            rng_key, model_params, twist_params, args, kwargs, reference, num_active
         )
         return self.finish(suffix_key, model_params, args, kwargs, particles, info)
 

@@ -158,7 +158,8 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_lower_and_upper_runs_share_one_compilation_per_k():
-    """The lower runs use the conditional sweep with nothing clamped: one XLA program per K."""
+    """The lower runs use the conditional sweep with nothing clamped: one XLA program per K
+    (``padded=False``; padded, every K shares one: tests/evaluation/test_padded_particles.py)."""
     from jax._src import monitoring
 
     compiled = []
@@ -173,7 +174,13 @@ def test_lower_and_upper_runs_share_one_compilation_per_k():
     jax.config.update("jax_enable_compilation_cache", False)  # count compilations, not loads
     try:
         evaluation.log_z_bounds(
-            classifier, lmppl.infer.SMC, references, [2, 3, 5], 6, jax.random.key(4)
+            classifier,
+            lmppl.infer.SMC,
+            references,
+            [2, 3, 5],
+            6,
+            jax.random.key(4),
+            padded=False,
         )
     finally:
         monitoring.unregister_event_duration_listener(listen)
