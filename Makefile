@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test processes (pytest-xdist): 2 = this project's build machines' cores. Work stealing
+# starts each worker on a contiguous half of the suite (module fixtures stay in one
+# process) and rebalances at the end.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-fast lint bench
 
@@ -19,10 +23,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -145,7 +145,7 @@ def run_benchmark(
             say(
                 f"{name:>13} N={rows:<4} lmppl {row.lmppl_tokens_per_second:9.1f} tok/s  "
                 f"torch {row.torch_tokens_per_second:9.1f} tok/s{' (capped)' if capped else ''}  "
-                f"ratio lmppl/torch {row.ratio:6.2f}   (first lmppl call {compile_seconds:.1f} s)"
+                f"ratio lmppl/torch {row.ratio:6.2f}   (first lmppl call, compile or cache load: {compile_seconds:.1f} s)"
             )
         del torch_model
     return results

@@ -47,6 +47,20 @@ def test_switched_off_by_the_environment(monkeypatch, tmp_path, jax_cache_settin
     assert not (tmp_path / "cache").exists()
 
 
+def test_threshold_follows_the_environment(monkeypatch, tmp_path, jax_cache_settings):
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("LMPPL_CACHE_MIN_COMPILE_SECONDS", "0.125")
+    assert enable_compilation_cache(tmp_path / "a") == tmp_path / "a"
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.125
+    jax.config.update("jax_compilation_cache_dir", None)  # an explicit argument wins
+    enable_compilation_cache(tmp_path / "b", min_compile_seconds=2.0)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 2.0
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("LMPPL_CACHE_MIN_COMPILE_SECONDS", "soon")
+    with pytest.raises(ValueError, match="LMPPL_CACHE_MIN_COMPILE_SECONDS must be a non-neg"):
+        enable_compilation_cache(tmp_path / "c")
+
+
 def test_keeps_a_directory_the_user_set(monkeypatch, tmp_path, jax_cache_settings):
     monkeypatch.delenv("LMPPL_COMPILATION_CACHE", raising=False)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "theirs"))
