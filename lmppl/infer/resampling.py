@@ -93,20 +93,27 @@ def systematic(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> 
 def residual(rng_key: jax.Array, log_weights: jax.Array, num_samples: int) -> jax.Array:
     """``floor(M w_i)`` deterministic copies, the remainder drawn multinomially."""
     weights = normalized_weights(log_weights)
+    indices = _residual_slots(rng_key, weights, num_samples, num_samples)
+    return _identity_if_degenerate(indices, log_weights, num_samples)
+
+
+def _residual_slots(
+    rng_key: jax.Array, weights: jax.Array, count: jax.Array | int, num_slots: int
+) -> jax.Array:
+    """Residual resampling of ``count`` offspring laid out in ``num_slots >= count`` slots:
+    ``floor(K w_i)`` copies of particle i (by cumulative count), then the
+    ``K − Σ floor(K w_i)`` remaining slots drawn ∝ ``K w_i − floor(K w_i)``; slots past K
+    hold further draws that the caller ignores."""
     size = weights.shape[0]
-    copies = jnp.floor(num_samples * weights).astype(jnp.int32)
-    remainder = num_samples - copies.sum()
-    residual_weights = num_samples * weights - copies
-    # Deterministic part: particle i repeated copies[i] times, laid out by cumulative count.
-    ends = jnp.cumsum(copies)
-    slots = jnp.arange(num_samples)
-    deterministic = jnp.clip(jnp.searchsorted(ends, slots, side="right"), 0, size - 1)
+    copies = jnp.floor(count * weights).astype(jnp.int32)
+    remainder = count - copies.sum()
+    residual_weights = count * weights - copies
+    slots = jnp.arange(num_slots)
+    deterministic = jnp.clip(jnp.searchsorted(jnp.cumsum(copies), slots, side="right"), 0, size - 1)
     has_residual = residual_weights.sum() > 0
     logits = jnp.where(has_residual, jnp.log(jnp.maximum(residual_weights, 0.0)), 0.0)
-    random = jax.random.categorical(rng_key, logits, shape=(num_samples,))
-    random_slot = slots - (num_samples - remainder)
-    indices = jnp.where(random_slot >= 0, random, deterministic)
-    return _identity_if_degenerate(indices, log_weights, num_samples)
+    random = jax.random.categorical(rng_key, logits, shape=(num_slots,))
+    return jnp.where(slots - (count - remainder) >= 0, random, deterministic)
 
 
 def _first(indices: jax.Array, count: jax.Array) -> jax.Array:
@@ -138,16 +145,7 @@ def _systematic_active(rng_key: jax.Array, log_weights: jax.Array, count: jax.Ar
 def _residual_active(rng_key: jax.Array, log_weights: jax.Array, count: jax.Array) -> jax.Array:
     # floor(K w_i) copies of particle i, then K − Σ floor(K w_i) draws ∝ K w_i − floor(K w_i).
     weights = normalized_weights(log_weights)
-    size = weights.shape[0]
-    copies = jnp.floor(count * weights).astype(jnp.int32)
-    remainder = count - copies.sum()
-    residual_weights = count * weights - copies
-    slots = jnp.arange(size)
-    deterministic = jnp.clip(jnp.searchsorted(jnp.cumsum(copies), slots, side="right"), 0, size - 1)
-    has_residual = residual_weights.sum() > 0
-    logits = jnp.where(has_residual, jnp.log(jnp.maximum(residual_weights, 0.0)), 0.0)
-    random = jax.random.categorical(rng_key, logits, shape=(size,))
-    return jnp.where(slots - (count - remainder) >= 0, random, deterministic)
+    return _residual_slots(rng_key, weights, count, weights.shape[0])
 
 
 _ACTIVE: dict[Callable[..., jax.Array], Callable[..., jax.Array]] = {
