@@ -139,6 +139,13 @@ class SweepOptions:
         fit) are per-step potentials ``log m_t(v) = log p_other(v | s_<t)``, each with its
         own KV cache, so the proposal and the weights see them token by token;
         ``"at_end"`` scores them once in φ, like any other observed site.
+      record_steps: keep what the base LM gave before every step, the hidden state
+        ``[N, H]`` and ``log p0(· | s_<t)`` ``[N, V]`` (:attr:`StepInfo.hidden`,
+        :attr:`StepInfo.log_p0`; :attr:`SweepOutput.step_hidden`,
+        :attr:`SweepOutput.step_log_p0`), so that twist training reads them instead of
+        teacher-forcing the drawn sequences through the LM again. Only without
+        resampling (``ess_threshold=None``): the rows are then each final sequence's own
+        prefixes.
     """
 
     num_particles: int
@@ -149,6 +156,7 @@ class SweepOptions:
     resample_every: int = 1
     resample_at: ResampleAt = None
     observed_lms: str = "per_step"
+    record_steps: bool = False
 
 
 OBSERVED_LM_SCORING = ("per_step", "at_end")
@@ -220,6 +228,9 @@ class StepInfo(NamedTuple):
         (for t < T, without φ): with no resampling, the SIS weights of π_t.
       twist_scale: ``[]`` the largest ``|log ψ_t|`` the twist returned (−inf entries, ψ = 0,
         excluded; NaN or +inf when it returned such values; 0 without a twist).
+      hidden: ``[N, H]`` the base LM's final hidden state before the step, or None
+        (``SweepOptions.record_steps`` off).
+      log_p0: ``[N, V]`` ``log p0(· | s_<t)`` before the step, or None.
     """
 
     ess: jax.Array
@@ -227,6 +238,8 @@ class StepInfo(NamedTuple):
     ancestors: jax.Array
     log_weights: jax.Array
     twist_scale: jax.Array
+    hidden: Any = None
+    log_p0: Any = None
 
 
 class SweepOutput(NamedTuple):
@@ -248,6 +261,9 @@ class SweepOutput(NamedTuple):
       twist_scale: ``[]`` the largest ``|log ψ|`` of the sweep (see :class:`StepInfo`):
         float32 resolves log ψ to about ``twist_scale · 2⁻²⁴``, which bounds how exact
         the weights can be (:func:`~lmppl.infer.backends.check_output` warns).
+      step_hidden: ``[T, N, H]`` the base LM's hidden state before each step, or None
+        (``SweepOptions.record_steps`` off).
+      step_log_p0: ``[T, N, V]`` ``log p0(· | s_<t)`` before each step, or None.
     """
 
     tokens: jax.Array
@@ -263,6 +279,8 @@ class SweepOutput(NamedTuple):
     prompt_tokens: jax.Array
     prompt_length: jax.Array
     twist_scale: jax.Array
+    step_hidden: Any = None
+    step_log_p0: Any = None
 
 
 def _twist_scale(log_psi: jax.Array) -> jax.Array:
@@ -344,6 +362,11 @@ def check_options(structure: ProgramStructure, options: SweepOptions) -> None:
         )
     if structure.continuations and options.resample_at is not None:
         structure.refuse_several_sites("word-level steps (resample_at)")
+    if options.record_steps and (options.ess_threshold is not None or options.conditional):
+        raise ProgramError(
+            "record_steps keeps each row's own prefixes only without resampling: "
+            "set ess_threshold=None (and no conditional sweep)"
+        )
     if not options.conditional:
         return
     for phase in structure.phases:
@@ -754,7 +777,8 @@ def build_kernel(
             ),
         )
         new_state = _constrain(new_state, options.particle_sharding, num)
-        info = StepInfo(ess, resampled, ancestors, new_state.log_weights, twist_scale)
+        recorded = (state.decode.hidden, log_p0) if options.record_steps else (None, None)
+        info = StepInfo(ess, resampled, ancestors, new_state.log_weights, twist_scale, *recorded)
         return new_state, info
 
     return step
@@ -822,4 +846,6 @@ def finalize(
         prompt_tokens=state.prompt_tokens,
         prompt_length=state.prompt_length,
         twist_scale=jnp.max(info.twist_scale),
+        step_hidden=info.hidden,
+        step_log_p0=info.log_p0,
     )

@@ -84,6 +84,36 @@ class Twist:
 
         return jnp.moveaxis(jax.vmap(one)(jnp.arange(steps)), 0, 1)
 
+    def apply_sequence_columns(
+        self, params: Any, inputs: TwistInputs
+    ) -> tuple[jax.Array, jax.Array]:
+        """``(log ψ [N, T, V], log ψ at the drawn tokens [N, T])``: the first without
+        gradient, the second with it (entry ``[n, t]`` is ``log ψ_{t+1}(s_1:t, s_{t+1})``
+        at ``v = inputs.tokens[n, t]``).
+
+        For losses that differentiate log ψ only at the drawn tokens: a twist whose last
+        layer is linear (:meth:`_features_sequence`) computes the full table for the
+        weights but differentiates only the drawn tokens' columns, ``N T F`` instead of
+        ``N T F V`` work in the backward pass. Without it, :meth:`apply_sequence` once.
+        """
+        features = self._features_sequence(params, inputs)
+        if features is None:
+            full = self.apply_sequence(params, inputs)
+            at_tokens = jnp.take_along_axis(full, inputs.tokens[..., None], axis=-1)[..., 0]
+            return jax.lax.stop_gradient(full), at_tokens
+        x, weight, bias = features
+        frozen = jax.lax.stop_gradient
+        full = frozen(x) @ frozen(weight) + frozen(bias)
+        at_tokens = jnp.sum(x * weight.T[inputs.tokens], axis=-1) + bias[inputs.tokens]
+        return self._finish(full), self._finish(at_tokens)
+
+    def _features_sequence(
+        self, params: Any, inputs: TwistInputs
+    ) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """``(x [N, T, F], W [F, V], b [V])`` with ``apply_sequence = finish(x W + b)``
+        when the last layer is linear, else None (the default)."""
+        return None
+
     def with_params(self, params: Any) -> Twist:
         """A copy of this twist holding ``params`` (e.g. the trained ones)."""
         other = copy.copy(self)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from lmppl.infer.twist import TwistInputs
 from lmppl.lm.base import LanguageModel
-from lmppl.twists.base import Twist
+from lmppl.twists.base import Twist, prefix_mask
 
 __all__ = ["LinearTwist", "MLPTwist", "condition_features"]
 
@@ -60,12 +60,31 @@ class _HeadTwist(Twist):
             )
         return jnp.concatenate([hidden, extra], axis=-1)
 
-    def _raw(self, params: Any, inputs: TwistInputs) -> jax.Array:
+    def _penultimate(self, params: Any, inputs: TwistInputs) -> jax.Array:
+        """``[N, F]``: the input of the last (linear) layer."""
         x = self._features(params, inputs)
-        layers = params["layers"]
-        for layer in layers[:-1]:
+        for layer in params["layers"][:-1]:
             x = jax.nn.gelu(x @ layer["weight"] + layer["bias"])
-        return x @ layers[-1]["weight"] + layers[-1]["bias"]
+        return x
+
+    def _raw(self, params: Any, inputs: TwistInputs) -> jax.Array:
+        last = params["layers"][-1]
+        return self._penultimate(params, inputs) @ last["weight"] + last["bias"]
+
+    def _features_sequence(self, params: Any, inputs: TwistInputs):
+        steps = inputs.tokens.shape[1]
+
+        def one(t):
+            return self._penultimate(
+                params,
+                inputs._replace(
+                    hidden=inputs.hidden[:, t], tokens=prefix_mask(inputs.tokens, t), step=t
+                ),
+            )
+
+        x = jnp.moveaxis(jax.vmap(one)(jnp.arange(steps)), 0, 1)
+        last = params["layers"][-1]
+        return x, last["weight"], last["bias"]
 
 
 def _dense(key, fan_in: int, fan_out: int, zero: bool) -> dict:

@@ -35,11 +35,20 @@ LossFn = Callable[[dict[str, Samples]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 class TwistLoss(NamedTuple):
-    """A twist loss: its name, the sample kinds it needs, and ``loss(samples)``."""
+    """A twist loss: its name, the sample kinds it needs, and ``loss(samples)``.
+
+    ``token_gradient``: the loss differentiates log ψ only at the drawn tokens
+    (:meth:`~lmppl.twists.samples.Samples.log_psi_tokens`); everything else it reads of
+    ``log_psi`` is held fixed. Training then hands it samples whose full ``log_psi``
+    carries no gradient (:attr:`~lmppl.twists.samples.Samples.log_psi_columns`), so the
+    backward pass skips the other V − 1 output columns. False (the default, always
+    correct): the whole ``[N, T, V]`` table carries the gradient.
+    """
 
     name: str
     needs: tuple[str, ...]
     loss: LossFn
+    token_gradient: bool = False
 
 
 def _positives(samples: dict[str, Samples]) -> tuple[Samples, jax.Array]:
@@ -86,7 +95,7 @@ def ctl() -> TwistLoss:
         )
         return value, {}
 
-    return TwistLoss("ctl", ("proposal",), loss)
+    return TwistLoss("ctl", ("proposal",), loss, token_gradient=True)
 
 
 def rl(min_log_target: float | None = None) -> TwistLoss:
@@ -117,7 +126,7 @@ def rl(min_log_target: float | None = None) -> TwistLoss:
         residual = jnp.where(batch.valid, log_psi - target, 0.0)
         return 0.5 * jnp.mean(jnp.sum(residual**2, axis=1)), {}
 
-    return TwistLoss("rl", ("proposal",), loss)
+    return TwistLoss("rl", ("proposal",), loss, token_gradient=True)
 
 
 def sixo() -> TwistLoss:
@@ -136,7 +145,7 @@ def sixo() -> TwistLoss:
         negative_term = jnp.sum(jnp.mean(jax.nn.log_sigmoid(-negatives.log_psi_tokens()), axis=0))
         return -(positive_term + negative_term), {}
 
-    return TwistLoss("sixo", ("proposal", "base"), loss)
+    return TwistLoss("sixo", ("proposal", "base"), loss, token_gradient=True)
 
 
 def fudge() -> TwistLoss:
@@ -155,7 +164,7 @@ def fudge() -> TwistLoss:
         log_likelihood = label * log_psi + (1.0 - label) * log1mexp(log_psi)
         return -jnp.sum(jnp.mean(log_likelihood, axis=0)), {}
 
-    return TwistLoss("fudge", ("base",), loss)
+    return TwistLoss("fudge", ("base",), loss, token_gradient=True)
 
 
 def dpg() -> TwistLoss:

@@ -67,7 +67,7 @@ def defensive_mixture(proposal: Samples, base: Samples) -> Samples:
             for name, a, b in zip(Samples._fields, proposal, base, strict=True)
         )
     )
-    frozen = pooled._replace(log_psi=jax.lax.stop_gradient(pooled.log_psi))
+    frozen = pooled.frozen()
     log_target = _cumulative(frozen.log_target_tokens())  # [N, T] log p0 Π m (log p0 without m)
     log_q0 = _cumulative(frozen.log_base_q_tokens())  # the rollouts' proposal (p0 without m)
     log_q = _cumulative(frozen.log_q_tokens())

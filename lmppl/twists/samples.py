@@ -40,7 +40,14 @@ from lmppl.infer.program import StepPotentialFunctions, combined_step_potential
 from lmppl.infer.twist import TwistInputs
 from lmppl.potentials import step_log_weight_rows
 
-__all__ = ["BasePass", "Samples", "base_pass", "step_log_weights", "twist_sequence"]
+__all__ = [
+    "BasePass",
+    "Samples",
+    "base_pass",
+    "recorded_pass",
+    "step_log_weights",
+    "twist_sequence",
+]
 
 
 class BasePass(NamedTuple):
@@ -71,6 +78,11 @@ class Samples(NamedTuple):
       log_psi: ``[N, T, V]`` twist values (a function of the twist parameters).
       log_step: ``[N, T, V]`` ``Σ_k log m^k_t`` of every candidate token (0 after EOS), or
         None: the program has no per-step potentials.
+      log_psi_columns: ``[N, T]`` the twist at the drawn tokens, ``log_psi[n, t, s_t]``,
+        with its gradient, while ``log_psi`` then carries none; or None: ``log_psi``
+        carries the gradient. For losses that differentiate log ψ only at the drawn
+        tokens (``TwistLoss.token_gradient``): the backward pass then touches 1 of the V
+        output columns per step (:meth:`~lmppl.twists.base.Twist.apply_sequence_columns`).
     """
 
     tokens: jax.Array
@@ -81,13 +93,22 @@ class Samples(NamedTuple):
     valid: jax.Array
     log_psi: jax.Array
     log_step: jax.Array | None = None
+    log_psi_columns: jax.Array | None = None
+
+    def frozen(self) -> Samples:
+        """These samples with no gradient through the twist (weights built from them)."""
+        columns = self.log_psi_columns
+        return self._replace(
+            log_psi=jax.lax.stop_gradient(self.log_psi),
+            log_psi_columns=None if columns is None else jax.lax.stop_gradient(columns),
+        )
 
     def _take(self, values: jax.Array) -> jax.Array:
         return jnp.take_along_axis(values, self.tokens[..., None], axis=-1)[..., 0]
 
     def log_psi_tokens(self) -> jax.Array:
         """``[N, T]`` ``log ψ_t(s_1:t)``; after EOS, the value of the last real prefix."""
-        taken = self._take(self.log_psi)
+        taken = self._take(self.log_psi) if self.log_psi_columns is None else self.log_psi_columns
         steps = self.tokens.shape[1]
         last = jax.lax.cummax(jnp.where(self.valid, jnp.arange(steps)[None, :], 0), axis=1)
         return jnp.take_along_axis(taken, last, axis=1)
@@ -146,6 +167,24 @@ def base_pass(
     return BasePass(jax.lax.stop_gradient(log_p0), jax.lax.stop_gradient(forced.hidden), valid)
 
 
+def recorded_pass(output: Any, eos_token_id: int | None) -> BasePass:
+    """The :class:`BasePass` of a sweep's own sequences from what it recorded on the way.
+
+    ``output`` is the :class:`~lmppl.infer.kernel.SweepOutput` of a sweep run with
+    ``SweepOptions(record_steps=True, ess_threshold=None)``: without resampling, row
+    ``i``'s hidden state and ``log p0`` before step ``t`` are those of its own prefix
+    ``s^i_<t``, exactly what :func:`base_pass` recomputes by teacher forcing (up to the
+    float rounding of an incremental against a batched pass), so the LM is not run again.
+    """
+    if output.step_hidden is None or output.step_log_p0 is None:
+        raise ValueError("the sweep did not record its steps (SweepOptions.record_steps)")
+    return BasePass(
+        jax.lax.stop_gradient(jnp.swapaxes(output.step_log_p0, 0, 1).astype(jnp.float32)),
+        jax.lax.stop_gradient(jnp.swapaxes(output.step_hidden, 0, 1)),
+        valid_mask(output.tokens, eos_token_id),
+    )
+
+
 def twist_sequence(
     twist: Any,
     params: Any,
@@ -154,9 +193,21 @@ def twist_sequence(
     condition: Any,
     prompt_tokens: jax.Array,
     prompt_length: jax.Array,
-) -> jax.Array:
-    """``[N, T, V]`` log ψ at every step of ``tokens`` (``apply_sequence``, or ``apply`` vmapped)."""
+    columns: bool = False,
+) -> Any:
+    """``[N, T, V]`` log ψ at every step of ``tokens`` (``apply_sequence``, or ``apply`` vmapped).
+
+    With ``columns``: ``(log ψ [N, T, V] without gradient, log ψ at the drawn tokens
+    [N, T] with it)`` (``apply_sequence_columns``; see :class:`Samples`).
+    """
     inputs = TwistInputs(base.hidden, tokens, None, condition, prompt_tokens, prompt_length)
+    if columns:
+        if hasattr(twist, "apply_sequence_columns"):
+            full, at_tokens = twist.apply_sequence_columns(params, inputs)
+            return full.astype(jnp.float32), at_tokens.astype(jnp.float32)
+        full = twist_sequence(twist, params, base, tokens, condition, prompt_tokens, prompt_length)
+        at_tokens = jnp.take_along_axis(full, tokens[..., None], axis=-1)[..., 0]
+        return jax.lax.stop_gradient(full), at_tokens
     if hasattr(twist, "apply_sequence"):
         out = twist.apply_sequence(params, inputs)
     else:

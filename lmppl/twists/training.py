@@ -53,7 +53,13 @@ from lmppl.training.loop import TrainingDiverged, run_training
 from lmppl.twists.losses import TwistLoss, get_loss
 from lmppl.twists.mixture import defensive_mixture
 from lmppl.twists.monitor import BoundsMonitor, TwistGapWarning
-from lmppl.twists.samples import Samples, base_pass, step_log_weights, twist_sequence
+from lmppl.twists.samples import (
+    Samples,
+    base_pass,
+    recorded_pass,
+    step_log_weights,
+    twist_sequence,
+)
 
 __all__ = [
     "BATCHES",
@@ -157,14 +163,21 @@ def build_train_step(
     proposal_sweep = build_sweep(
         structure,
         program,
-        SweepOptions(num_particles=num_particles, ess_threshold=None, observed_lms="at_end"),
+        SweepOptions(
+            num_particles=num_particles,
+            ess_threshold=None,
+            observed_lms="at_end",
+            record_steps=True,
+        ),
         twist.apply,
         twist_condition,
     )
     base_sweep = build_sweep(
         structure,
         program,
-        SweepOptions(num_particles=num_base, ess_threshold=None, observed_lms="at_end"),
+        SweepOptions(
+            num_particles=num_base, ess_threshold=None, observed_lms="at_end", record_steps=True
+        ),
         None,
     )
 
@@ -176,7 +189,9 @@ def build_train_step(
         condition = twist_condition(*call_args, **call_kwargs) if twist_condition else None
 
         drawn = {}
+        passes = {}  # the base LM along the drawn sequences: recorded by the sweeps
         proposal = proposal_sweep(proposal_key, model_params, frozen, call_args, call_kwargs)
+        passes["proposal"] = recorded_pass(proposal, site.eos_token_id)
         prompt_tokens, prompt_length = proposal.prompt_tokens, proposal.prompt_length
         if per_particle_prompt(prompt_tokens):
             raise ProgramError(
@@ -191,6 +206,7 @@ def build_train_step(
         )
         if needs_base:
             base = base_sweep(base_key, model_params, None, call_args, call_kwargs)
+            passes["base"] = recorded_pass(base, site.eos_token_id)
             zeros = jnp.zeros_like(base.log_weights)
             drawn["base"] = (base.tokens, base.log_potential, zeros, base.log_weight_history * 0)
         if targets is not None or target_sampler is not None:
@@ -209,25 +225,34 @@ def build_train_step(
                 kind: step_log_weights(functions, d[0], site.eos_token_id)
                 for kind, d in drawn.items()
             }
-        passes = {
-            kind: base_pass(
-                model,
-                lm_params,
-                prompt_tokens,
-                prompt_length,
-                d[0],
-                site.temperature,
-                site.eos_token_id,
-            )
-            for kind, d in drawn.items()
-        }
+        for kind, d in drawn.items():  # exact positives: teacher-forced through the LM
+            if kind not in passes:
+                passes[kind] = base_pass(
+                    model,
+                    lm_params,
+                    prompt_tokens,
+                    prompt_length,
+                    d[0],
+                    site.temperature,
+                    site.eos_token_id,
+                )
 
         def objective(params):
             samples = {}
             for kind, (tokens, log_potential, log_weights, history) in drawn.items():
                 log_psi = twist_sequence(
-                    twist, params, passes[kind], tokens, condition, prompt_tokens, prompt_length
+                    twist,
+                    params,
+                    passes[kind],
+                    tokens,
+                    condition,
+                    prompt_tokens,
+                    prompt_length,
+                    columns=loss.token_gradient,
                 )
+                columns = None
+                if loss.token_gradient:
+                    log_psi, columns = log_psi
                 samples[kind] = Samples(
                     tokens,
                     log_potential,
@@ -237,6 +262,7 @@ def build_train_step(
                     passes[kind].valid,
                     log_psi,
                     step_logs[kind],
+                    columns,
                 )
             if mixture:
                 samples["proposal"] = defensive_mixture(samples["proposal"], samples["base"])

@@ -109,14 +109,22 @@ class TransformerTwist(Twist):
         hidden = self.lm.apply(params["body"], condition, cache).hidden[:, -1]
         return hidden.astype(jnp.float32)
 
-    def _head(self, params: Any, features: jax.Array, inputs: TwistInputs) -> jax.Array:
+    def _head_input(self, params: Any, features: jax.Array, inputs: TwistInputs) -> jax.Array:
         if self.conditional:
             summary = self._condition(params, inputs, features.shape[0])
             if features.ndim == 3:
                 summary = jnp.broadcast_to(summary[:, None], features.shape)
             features = jnp.concatenate([features, summary], axis=-1)
+        return features
+
+    def _head(self, params: Any, features: jax.Array, inputs: TwistInputs) -> jax.Array:
         head = params["head"]
-        return self._finish(features @ head["weight"] + head["bias"])
+        x = self._head_input(params, features, inputs)
+        return self._finish(x @ head["weight"] + head["bias"])
+
+    def _features_sequence(self, params: Any, inputs: TwistInputs):
+        x = self._head_input(params, self._body_hidden(params, inputs), inputs)
+        return x, params["head"]["weight"], params["head"]["bias"]
 
     def apply(self, params: Any, inputs: TwistInputs) -> jax.Array:
         """``[N, V]`` at step ``inputs.step`` (O(P + T) body pass; see the module docstring)."""

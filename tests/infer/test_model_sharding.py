@@ -7,15 +7,13 @@ unsharded model on one device, checks that parameters and KV caches (also a scan
 stack's) are split, and the one-line error for heads that do not divide.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import pytest
 
 import lmppl
+from tests.devices import run_on_virtual_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -93,14 +91,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_model_sharding_matches_single_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "MODEL_SHARDED_OK" in done.stdout
+    run_on_virtual_devices(SCRIPT, 8, "MODEL_SHARDED_OK")
 
 
 def test_shard_refuses_what_it_cannot_split():

@@ -1,9 +1,8 @@
 """The particle axis sharded over 4 (virtual CPU) devices gives the same results as one."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from tests.devices import run_on_virtual_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -29,11 +28,4 @@ SCRIPT = textwrap.dedent(
 
 
 def test_particle_sharding_matches_single_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "SHARDED_OK" in done.stdout
+    run_on_virtual_devices(SCRIPT, 4, "SHARDED_OK")
