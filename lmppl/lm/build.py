@@ -162,10 +162,14 @@ class TensorTable:
                 f"tensor {name!r} has shape {tuple(tensor.shape)} but the {self.architecture} "
                 f"config implies {tuple(shape)}"
             )
-        if not isinstance(tensor, np.ndarray | jax.Array):
-            tensor = np.asarray(tensor)
-        array = jnp.asarray(tensor, dtype=self.dtype)
-        bad = int(jnp.size(array) - jnp.count_nonzero(jnp.isfinite(array)))
+        if isinstance(tensor, jax.core.Tracer):
+            array = jnp.asarray(tensor, dtype=self.dtype)
+            bad = int(jnp.size(array) - jnp.count_nonzero(jnp.isfinite(array)))
+        else:  # cast and checked in NumPy: no XLA program per tensor shape while loading
+            with np.errstate(over="ignore"):
+                host = np.asarray(tensor).astype(jnp.dtype(self.dtype), copy=False)
+            bad = int(host.size - np.count_nonzero(np.isfinite(host)))
+            array = jnp.asarray(host)
         if bad:
             raise ValueError(
                 f"tensor {name!r} has {bad} non-finite values (NaN or inf) of {array.size}: "

@@ -51,6 +51,7 @@ __all__ = [
     "RMSNorm",
     "apply_rope",
     "cached_attention",
+    "transposed",
     "default_inverse_frequencies",
     "default_scale",
     "empty_cache",
@@ -106,11 +107,20 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
+def transposed(matrix: jax.Array) -> jax.Array:
+    """``matrix.T``; for a concrete array done in NumPy, so that loading a checkpoint
+    (eager code) does not compile one XLA transpose per weight shape (seconds for a model
+    with a dozen shapes, paid on every load)."""
+    if isinstance(matrix, jax.core.Tracer):
+        return matrix.T
+    return jnp.asarray(np.ascontiguousarray(np.asarray(matrix).T))
+
+
 def linear_from_torch(
     get: ParameterSource, name: str, in_features: int, out_features: int, bias: bool
 ) -> Linear:
     """A :class:`Linear` from a ``torch.nn.Linear`` stored as ``name.weight`` ``[out, in]``."""
-    kernel = get(f"{name}.weight", (out_features, in_features)).T
+    kernel = transposed(get(f"{name}.weight", (out_features, in_features)))
     return Linear(kernel, get(f"{name}.bias", (out_features,)) if bias else None)
 
 

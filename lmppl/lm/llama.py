@@ -49,6 +49,7 @@ from lmppl.lm.layers import (
     next_cache,
     run_layers,
     token_positions,
+    transposed,
 )
 from lmppl.lm.rope import rope_frequencies
 
@@ -70,7 +71,9 @@ class LlamaAttention(nnx.Module):
         kv_width = config.num_kv_heads * head_dim
         bias = config.attention_bias
         if config.fused_projections:
-            fused = get(f"{prefix}.qkv_proj.weight", (query_width + 2 * kv_width, hidden)).T
+            fused = transposed(
+                get(f"{prefix}.qkv_proj.weight", (query_width + 2 * kv_width, hidden))
+            )
             self.q_proj = Linear(fused[:, :query_width])
             self.k_proj = Linear(fused[:, query_width : query_width + kv_width])
             self.v_proj = Linear(fused[:, query_width + kv_width :])
@@ -191,7 +194,7 @@ class LlamaMLP(nnx.Module):
     def __init__(self, config: ModelConfig, get: ParameterSource, prefix: str):
         hidden, inner = config.hidden_size, config.intermediate_size
         if config.fused_projections:  # Phi-3: gate_up_proj = [W_gate; W_up]
-            fused = get(f"{prefix}.gate_up_proj.weight", (2 * inner, hidden)).T
+            fused = transposed(get(f"{prefix}.gate_up_proj.weight", (2 * inner, hidden)))
             self.gate_proj, self.up_proj = Linear(fused[:, :inner]), Linear(fused[:, inner:])
         else:
             self.gate_proj = linear_from_torch(get, f"{prefix}.gate_proj", hidden, inner, False)
