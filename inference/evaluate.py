@@ -34,7 +34,13 @@ values. log Z, shared by all rows and seeds (it is a property of the target), is
   SIS (p0) and twisted SMC with the first training seed's twist of each method, all at
   K = max(``--particles``) (per condition for infilling), as the full evaluation does;
 * ``--log-z exact``: exact, by enumerating every sequence (``lmppl.infer.Exact``; only
-  for tiny V^T such as infilling-small, 512² sequences per ending).
+  for tiny V^T such as infilling-small, 512² sequences per ending);
+* ``--log-z-value V``: a given value (unconditional targets), e.g. an importance-sampling
+  reference computed elsewhere, or the log Z of an earlier table to compare rows with it.
+
+``--exact-file F.npz`` reads the exact samples (``samples`` ``[M, T]``, optionally
+``draws``, as ``inference/trust_twists.py`` stores them) instead of rejection sampling, for
+rare targets whose exact samples were drawn once (all M, or the first ``--exact-samples``).
 
     python inference/evaluate.py --task infilling-small --small --kl-only --log-z exact \\
         --train-seeds 0 1 2 3 4 --twists inference/results/kl_seeds/twists --no-train \\
@@ -570,6 +576,22 @@ def draw_exact(task, rng_key, count: int):
         )
 
 
+def load_exact(task, path: str | Path, count: int | None = None):
+    """Exact samples of an unconditional target stored in ``path`` (``samples`` ``[M, T]``
+    and optionally ``draws``, the rejection proposals they came from); the first ``count``."""
+    if task.conditional:
+        raise SystemExit("--exact-file is for unconditional targets")
+    stored = np.load(path)
+    samples = np.asarray(stored["samples"], np.int32)
+    if samples.ndim != 2:
+        raise SystemExit(f"{path}: samples must be [M, T], got shape {samples.shape}")
+    draws = int(stored["draws"]) if "draws" in stored.files else 0
+    rate = len(samples) / draws if draws else 1.0
+    if count is not None:
+        samples = samples[:count]
+    return evaluation.ExactSamples(samples, task.site, num_draws=draws, acceptance_rate=rate)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -612,6 +634,18 @@ def main(argv=None):
         "by enumeration (tiny V^T only)",
     )
     parser.add_argument(
+        "--log-z-value",
+        type=float,
+        default=None,
+        help="with --kl-only: this log Z (unconditional targets; overrides --log-z)",
+    )
+    parser.add_argument(
+        "--exact-file",
+        default=None,
+        help="with --kl-only: exact samples from this .npz (samples [M, T], draws) instead "
+        "of rejection sampling",
+    )
+    parser.add_argument(
         "--compilation-cache",
         default=COMPILATION_CACHE,
         help='JAX persistent compilation cache directory ("" for none)',
@@ -626,6 +660,8 @@ def main(argv=None):
         parser.error("--train-seeds needs --kl-only (the bounds sweep takes one twist per method)")
     if args.log_z == "exact" and not args.kl_only:
         parser.error("--log-z exact needs --kl-only")
+    if (args.log_z_value is not None or args.exact_file) and not args.kl_only:
+        parser.error("--log-z-value and --exact-file need --kl-only")
     pick = lambda name: (  # noqa: E731
         getattr(args, name) if getattr(args, name) is not None else EVAL_DEFAULTS[name][args.small]
     )
@@ -783,11 +819,19 @@ def _kl_only(args, task, twists, configs, keys, started, timings, command, pick)
     """``--kl-only``: exact samples, one log Z for the target, the KL table over seeds."""
     out = Path(args.out)
     runs, batches = pick("runs"), pick("seeds")
-    count = pick("conditions") if task.conditional else max(pick("exact_samples"), batches)
-    exact = draw_exact(task, keys[0], count)
+    if args.exact_file:
+        exact = load_exact(task, args.exact_file, args.exact_samples)
+    else:
+        count = pick("conditions") if task.conditional else max(pick("exact_samples"), batches)
+        exact = draw_exact(task, keys[0], count)
     timings["exact samples"] = time.perf_counter() - started - sum(timings.values())
     first_seed = next(iter(twists))[1]
-    if args.log_z == "exact":
+    if args.log_z_value is not None:
+        if task.conditional:
+            raise SystemExit("--log-z-value is for unconditional targets (one log Z)")
+        log_z = np.array([args.log_z_value], np.float64)
+        log_z_note = "given by --log-z-value"
+    elif args.log_z == "exact":
         log_z = exact_log_z(task, exact, keys[3])
         log_z_note = "exact, by enumerating every sequence with lmppl.infer.Exact"
     else:
@@ -837,7 +881,8 @@ def _kl_only(args, task, twists, configs, keys, started, timings, command, pick)
         "training seeds": train_seeds if train_seeds != [None] else f"one ({args.twists})",
         "evaluation batches per seed": batches,
         "draws of q per batch": pick("kl_samples"),
-        "log Z": args.log_z,
+        "log Z": args.log_z if args.log_z_value is None else f"{args.log_z_value:g} (given)",
+        "exact samples": args.exact_file or "rejection",
         "twist": args.twist,
     }
     report = write_kl_report(

@@ -172,3 +172,49 @@ def test_train_seeds_needs_kl_only(tmp_path):
                 *NO_CACHE,
             ]
         )
+
+
+@pytest.mark.slow
+def test_kl_only_with_stored_exact_samples_and_a_given_log_z(tmp_path):
+    """``--exact-file`` reads stored exact samples (no rejection) and ``--log-z-value``
+    fixes log Z (no bounds): the report and the table use both."""
+    twists = tmp_path / "twists"
+    task = ["--task", "toxicity-classifier", "--task-option", "num_tokens=3"]
+    learn_twists.main(
+        [*task, "--twist", "linear", "--particles", "4", "--method", "ctl", "--seeds", "0", "1"]
+        + ["--steps", "2", "--out", str(twists), *NO_CACHE]
+    )
+    stored = tmp_path / "exact.npz"
+    samples = np.arange(24, dtype=np.int32).reshape(8, 3) + 100
+    np.savez(stored, samples=samples, draws=np.int64(80))
+    out = tmp_path / "kl"
+    summary = evaluate.main(
+        [*task, "--twists", str(twists), "--methods", "ctl", "--twist", "linear", "--kl-only"]
+        + ["--train-seeds", "0", "1", "--exact-file", str(stored), "--exact-samples", "6"]
+        + ["--log-z-value", "-2.5", "--seeds", "2", "--kl-samples", "4", "--no-train"]
+        + ["--out", str(out), *NO_CACHE]
+    )
+    assert [row["proposal"] for row in summary] == ["p0 (no twist)", "twisted / CTL"]
+    for row in summary:
+        assert np.isfinite(row["kl_q_sigma"]) and np.isfinite(row["kl_sigma_q"])
+    report = (out / "report.md").read_text()
+    assert "Exact samples: 6 by rejection" in report and "80 draws" in report
+    assert "log Z = -2.500 (given by --log-z-value)" in report
+    assert not (out / "log_z_bounds.csv").exists()
+
+
+def test_load_exact_reads_a_stored_pool(tmp_path):
+    task = learn_twists.build_task("toxicity-threshold", options={"num_tokens": 3})
+    path = tmp_path / "pool.npz"
+    np.savez(path, samples=np.ones((5, 3), np.int32), draws=np.int64(1000))
+    exact = evaluate.load_exact(task, path, 4)
+    assert exact.samples.shape == (4, 3) and exact.site == task.site
+    assert exact.num_draws == 1000 and np.isclose(exact.acceptance_rate, 5 / 1000)
+    np.savez(path, samples=np.ones((5, 3), np.int32))
+    assert evaluate.load_exact(task, path).num_samples == 5
+
+
+@pytest.mark.parametrize("option", [["--log-z-value", "-1"], ["--exact-file", "x.npz"]])
+def test_given_log_z_and_exact_file_need_kl_only(tmp_path, option):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--task", "toxicity-threshold", *option, "--out", str(tmp_path), *NO_CACHE])
