@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from lmppl.infer.twist import TwistInputs
 
-__all__ = ["OUTPUTS", "Twist", "prefix_mask"]
+__all__ = ["OUTPUTS", "Twist", "map_steps", "prefix_mask"]
 
 #: Accepted output modes of a learned twist.
 OUTPUTS = ("log", "log_sigmoid")
@@ -35,6 +35,22 @@ OUTPUTS = ("log", "log_sigmoid")
 def prefix_mask(tokens: jax.Array, step: jax.Array) -> jax.Array:
     """``tokens [N, T]`` with entries at positions ``>= step`` set to 0 (as the sweep has them)."""
     return jnp.where(jnp.arange(tokens.shape[1])[None, :] < step, tokens, 0)
+
+
+def map_steps(function: Any, params: Any, inputs: TwistInputs) -> jax.Array:
+    """``[N, T, ...]``: ``function(params, inputs at step t)`` for ``t = 0..T-1`` (vmapped),
+    where ``inputs`` holds whole sequences (``hidden`` ``[N, T, H]``, ``tokens`` ``[N, T]``)
+    and step t sees ``hidden[:, t]`` and the tokens before t (:func:`prefix_mask`)."""
+
+    def one(t):
+        return function(
+            params,
+            inputs._replace(
+                hidden=inputs.hidden[:, t], tokens=prefix_mask(inputs.tokens, t), step=t
+            ),
+        )
+
+    return jnp.moveaxis(jax.vmap(one)(jnp.arange(inputs.tokens.shape[1])), 0, 1)
 
 
 class Twist:
@@ -72,17 +88,7 @@ class Twist:
         ``inputs.hidden`` is ``[N, T, H]`` (the base LM's hidden state before each step);
         ``inputs.step`` is ignored. The default vmaps :meth:`apply` over steps.
         """
-        steps = inputs.tokens.shape[1]
-
-        def one(t):
-            return self.apply(
-                params,
-                inputs._replace(
-                    hidden=inputs.hidden[:, t], tokens=prefix_mask(inputs.tokens, t), step=t
-                ),
-            )
-
-        return jnp.moveaxis(jax.vmap(one)(jnp.arange(steps)), 0, 1)
+        return map_steps(self.apply, params, inputs)
 
     def apply_sequence_columns(
         self, params: Any, inputs: TwistInputs

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from lmppl.infer.twist import TwistInputs
 from lmppl.lm.base import LanguageModel
-from lmppl.twists.base import Twist, prefix_mask
+from lmppl.twists.base import Twist, map_steps
 
 __all__ = ["LinearTwist", "MLPTwist", "condition_features"]
 
@@ -72,17 +72,7 @@ class _HeadTwist(Twist):
         return self._penultimate(params, inputs) @ last["weight"] + last["bias"]
 
     def _features_sequence(self, params: Any, inputs: TwistInputs):
-        steps = inputs.tokens.shape[1]
-
-        def one(t):
-            return self._penultimate(
-                params,
-                inputs._replace(
-                    hidden=inputs.hidden[:, t], tokens=prefix_mask(inputs.tokens, t), step=t
-                ),
-            )
-
-        x = jnp.moveaxis(jax.vmap(one)(jnp.arange(steps)), 0, 1)
+        x = map_steps(self._penultimate, params, inputs)
         last = params["layers"][-1]
         return x, last["weight"], last["bias"]
 

@@ -211,15 +211,9 @@ def twist_sequence(
     if hasattr(twist, "apply_sequence"):
         out = twist.apply_sequence(params, inputs)
     else:
-        from lmppl.twists.base import prefix_mask
+        from lmppl.twists.base import map_steps
 
-        def one(t):
-            step_inputs = inputs._replace(
-                hidden=base.hidden[:, t], tokens=prefix_mask(tokens, t), step=t
-            )
-            return twist.apply(params, step_inputs)
-
-        out = jnp.moveaxis(jax.vmap(one)(jnp.arange(tokens.shape[1])), 0, 1)
+        out = map_steps(twist.apply, params, inputs)
     return out.astype(jnp.float32)
 
 
