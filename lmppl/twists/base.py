@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from lmppl.infer.twist import TwistInputs
 
-__all__ = ["OUTPUTS", "Twist", "map_steps", "prefix_mask"]
+__all__ = ["OUTPUTS", "Twist", "columns_of_table", "map_steps", "prefix_mask"]
 
 #: Accepted output modes of a learned twist.
 OUTPUTS = ("log", "log_sigmoid")
@@ -51,6 +51,13 @@ def map_steps(function: Any, params: Any, inputs: TwistInputs) -> jax.Array:
         )
 
     return jnp.moveaxis(jax.vmap(one)(jnp.arange(inputs.tokens.shape[1])), 0, 1)
+
+
+def columns_of_table(full: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(full without gradient, full[n, t, tokens[n, t]] with it)`` from a whole ``[N, T, V]``
+    twist table (the generic form of :meth:`Twist.apply_sequence_columns`)."""
+    at_tokens = jnp.take_along_axis(full, tokens[..., None], axis=-1)[..., 0]
+    return jax.lax.stop_gradient(full), at_tokens
 
 
 class Twist:
@@ -104,9 +111,7 @@ class Twist:
         """
         features = self._features_sequence(params, inputs)
         if features is None:
-            full = self.apply_sequence(params, inputs)
-            at_tokens = jnp.take_along_axis(full, inputs.tokens[..., None], axis=-1)[..., 0]
-            return jax.lax.stop_gradient(full), at_tokens
+            return columns_of_table(self.apply_sequence(params, inputs), inputs.tokens)
         x, weight, bias = features
         frozen = jax.lax.stop_gradient
         full = frozen(x) @ frozen(weight) + frozen(bias)

@@ -205,9 +205,10 @@ def twist_sequence(
         if hasattr(twist, "apply_sequence_columns"):
             full, at_tokens = twist.apply_sequence_columns(params, inputs)
             return full.astype(jnp.float32), at_tokens.astype(jnp.float32)
+        from lmppl.twists.base import columns_of_table
+
         full = twist_sequence(twist, params, base, tokens, condition, prompt_tokens, prompt_length)
-        at_tokens = jnp.take_along_axis(full, tokens[..., None], axis=-1)[..., 0]
-        return jax.lax.stop_gradient(full), at_tokens
+        return columns_of_table(full, tokens)
     if hasattr(twist, "apply_sequence"):
         out = twist.apply_sequence(params, inputs)
     else:
